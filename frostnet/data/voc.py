@@ -1,0 +1,328 @@
+"""Pascal VOC detection and segmentation loaders (VOCdevkit layout).
+
+Expected tree (``root`` may be the directory containing ``VOCdevkit``, the
+``VOCdevkit`` directory itself, or the ``VOC<year>`` directory)::
+
+    VOCdevkit/VOC2007/Annotations/<id>.xml
+    VOCdevkit/VOC2007/JPEGImages/<id>.jpg
+    VOCdevkit/VOC2007/ImageSets/Main/{train,val,trainval,test}.txt
+    VOCdevkit/VOC2007/ImageSets/Segmentation/{train,val,trainval}.txt
+    VOCdevkit/VOC2007/SegmentationClass/<id>.png
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from .transforms import IGNORE_INDEX
+
+__all__ = [
+    "VOC_CLASSES",
+    "VOC_CLASSES_WITH_BACKGROUND",
+    "VOC_SPLITS",
+    "VOCAnnotationError",
+    "parse_voc_xml",
+    "find_voc_dir",
+    "VOCDetection",
+    "VOCSegmentation",
+    "detection_collate",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# The 20 VOC object classes in the official order. Detection labels and
+# segmentation mask values are ``VOC_CLASSES.index(name) + 1``; 0 is background.
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle",
+    "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# Index == label id, handy for torchvision detectors (num_classes=21).
+VOC_CLASSES_WITH_BACKGROUND: tuple[str, ...] = ("__background__",) + VOC_CLASSES
+_CLASS_TO_LABEL = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
+
+VOC_SPLITS = ("train", "val", "trainval", "test")
+
+
+class VOCAnnotationError(ValueError):
+    """Raised for a malformed VOC XML annotation."""
+
+
+def _text(node: ET.Element, tag: str, path: Path, default: Optional[str] = None) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None:
+        if default is not None:
+            return default
+        raise VOCAnnotationError(f"{path}: missing <{tag}> in <{node.tag}>")
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str, path: Path) -> float:
+    value = _text(node, tag, path)
+    try:
+        return float(value)
+    except ValueError:
+        raise VOCAnnotationError(f"{path}: <{tag}> is {value!r}, not a number") from None
+
+
+def parse_voc_xml(path: PathLike) -> dict[str, Any]:
+    """Parse one VOC annotation file.
+
+    VOC stores 1-based, inclusive pixel indices: a box with ``xmin=1, xmax=10``
+    covers the first ten pixel columns. They are converted to 0-based
+    continuous ``xyxy`` pixel-edge coordinates, ``(xmin - 1, ymin - 1, xmax,
+    ymax)``, the convention of torchvision's box ops (``width = x2 - x1`` is
+    the true pixel extent and boxes lie within ``[0, W] x [0, H]``).
+
+    Args:
+        path: Annotation XML file.
+
+    Returns:
+        Dict with ``filename`` (str), ``size`` (``(height, width)``),
+        ``boxes`` (float32 ``(K, 4)``), ``labels`` (int64 ``(K,)``, 1..20),
+        ``difficult`` (bool ``(K,)``) and ``names`` (list of class names).
+
+    Raises:
+        VOCAnnotationError: Unparsable XML, missing fields, unknown class
+            name, or an inverted box; the message names the file.
+    """
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise VOCAnnotationError(f"{path}: invalid XML ({exc})") from exc
+    size = root.find("size")
+    hw = None
+    if size is not None:
+        hw = (int(_number(size, "height", path)), int(_number(size, "width", path)))
+    boxes, labels, difficult, names = [], [], [], []
+    for obj in root.iter("object"):
+        name = _text(obj, "name", path).lower()
+        if name not in _CLASS_TO_LABEL:
+            raise VOCAnnotationError(
+                f"{path}: unknown class {name!r}; valid: {', '.join(VOC_CLASSES)}"
+            )
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise VOCAnnotationError(f"{path}: object {name!r} has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_number(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+        if xmax < xmin or ymax < ymin:
+            raise VOCAnnotationError(
+                f"{path}: inverted box for {name!r}: "
+                f"xmin={xmin} ymin={ymin} xmax={xmax} ymax={ymax}"
+            )
+        boxes.append((xmin - 1.0, ymin - 1.0, xmax, ymax))
+        labels.append(_CLASS_TO_LABEL[name])
+        difficult.append(_text(obj, "difficult", path, default="0") == "1")
+        names.append(name)
+    return {
+        "filename": _text(root, "filename", path, default=path.stem + ".jpg"),
+        "size": hw,
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "difficult": torch.tensor(difficult, dtype=torch.bool),
+        "names": names,
+    }
+
+
+def find_voc_dir(root: PathLike, year: str = "2007") -> Path:
+    """Locate the ``VOC<year>`` directory from any of the accepted roots."""
+    root = Path(root)
+    candidates = [root, root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"]
+    for cand in candidates:
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"no VOC{year} directory found; looked for JPEGImages/ under "
+        f"{', '.join(str(c) for c in candidates)}"
+    )
+
+
+def _read_ids(voc_dir: Path, kind: str, split: str) -> list[str]:
+    if split not in VOC_SPLITS:
+        raise ValueError(f"unknown VOC split {split!r}; valid: {', '.join(VOC_SPLITS)}")
+    path = voc_dir / "ImageSets" / kind / f"{split}.txt"
+    if not path.is_file():
+        folder = path.parent
+        present = (sorted(p.name for p in folder.glob("*.txt") if "_" not in p.name)
+                   if folder.is_dir() else [])
+        raise FileNotFoundError(f"VOC split file {path} not found (present: {present or 'none'})")
+    # First token only: per-class lists ("<id>  1") share this reader.
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _load_rgb(path: Path) -> tv_tensors.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"VOC image {path} not found")
+    with Image.open(path) as img:
+        return tv_tensors.Image(TF.pil_to_tensor(img.convert("RGB")))
+
+
+class VOCDetection(Dataset):
+    """Pascal VOC object detection in torchvision detection conventions.
+
+    ``dataset[i]`` returns ``(image, target)``:
+
+    * ``image``: ``(3, H, W)`` float32 in [0, 1] by default (uint8 before the
+      transform),
+    * ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` float32 ``(K, 4)`` in
+      XYXY format (see :func:`parse_voc_xml` for the coordinate convention),
+    * ``target["labels"]``: int64 ``(K,)`` in 1..20 (0 is background),
+    * ``target["difficult"]``: bool ``(K,)``,
+    * ``target["image_id"]``: int index; ``dataset.ids[i]`` is the VOC id.
+
+    Because boxes are ``BoundingBoxes``, ``torchvision.transforms.v2``
+    pipelines transform image and boxes jointly. Transforms that drop boxes
+    (``SanitizeBoundingBoxes``) need ``labels_getter=lambda s: (s[1]["labels"],
+    s[1]["difficult"])`` so ``difficult`` stays aligned.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        year: str = "2007",
+        split: str = "trainval",
+        transform: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None,
+        keep_difficult: bool = True,
+    ) -> None:
+        """Index a split.
+
+        Args:
+            root: ``VOCdevkit`` parent, ``VOCdevkit`` or ``VOC<year>`` directory.
+            year: Dataset year, e.g. ``"2007"`` or ``"2012"``.
+            split: One of :data:`VOC_SPLITS`.
+            transform: Joint ``(image, target) -> (image, target)`` callable
+                applied to the uint8 image; ``None`` converts to float [0, 1].
+            keep_difficult: Keep objects flagged ``difficult`` (needed for the
+                official VOC mAP, which ignores them instead of counting misses).
+        """
+        self.voc_dir = find_voc_dir(root, year)
+        self.split, self.year = split, year
+        self.ids = _read_ids(self.voc_dir, "Main", split)
+        self.transform = transform
+        self.keep_difficult = keep_difficult
+        self.classes = VOC_CLASSES_WITH_BACKGROUND
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_annotation(self, index: int) -> dict[str, Any]:
+        """Parsed annotation of sample ``index`` (no image decoding)."""
+        ann = parse_voc_xml(self.voc_dir / "Annotations" / f"{self.ids[index]}.xml")
+        if not self.keep_difficult:
+            keep = ~ann["difficult"]
+            ann["boxes"], ann["labels"], ann["difficult"] = (
+                ann["boxes"][keep], ann["labels"][keep], ann["difficult"][keep])
+            ann["names"] = [n for n, k in zip(ann["names"], keep.tolist()) if k]
+        return ann
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        ann = self.get_annotation(index)
+        image = _load_rgb(self.voc_dir / "JPEGImages" / f"{self.ids[index]}.jpg")
+        h, w = image.shape[-2:]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY", canvas_size=(h, w)),
+            "labels": ann["labels"],
+            "difficult": ann["difficult"],
+            "image_id": index,
+        }
+        if self.transform is not None:
+            return self.transform(image, target)
+        return TF.to_dtype(image, torch.float32, scale=True), target
+
+    def __repr__(self) -> str:
+        return f"VOCDetection(year={self.year!r}, split={self.split!r}, n={len(self)})"
+
+
+def detection_collate(batch: Sequence[tuple[Any, dict]]) -> tuple[list[Any], list[dict]]:
+    """Collate detection samples into ``(images, targets)`` lists.
+
+    Detection images differ in size and carry a variable number of boxes, so
+    they cannot be stacked; torchvision detectors take lists of both.
+    """
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+class VOCSegmentation(Dataset):
+    """Pascal VOC semantic segmentation (``SegmentationClass`` palette PNGs).
+
+    ``dataset[i]`` returns ``(image, mask)``: a ``(3, H, W)`` uint8 image and an
+    ``(H, W)`` int64 mask with 0 = background, 1..20 = :data:`VOC_CLASSES`
+    and 255 = object boundary / ignore. The palette PNG's pixel values are the
+    class indices, so the palette colours are never needed.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        year: str = "2012",
+        split: str = "train",
+        transform: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[Any, Any]]] = None,
+    ) -> None:
+        """Index a split.
+
+        Args:
+            root: ``VOCdevkit`` parent, ``VOCdevkit`` or ``VOC<year>`` directory.
+            year: Dataset year.
+            split: One of ``train``, ``val``, ``trainval`` (``test`` if present).
+            transform: Joint ``(image, mask)`` transform, e.g.
+                :func:`frostnet.data.transforms.segmentation_train_transform`.
+        """
+        self.voc_dir = find_voc_dir(root, year)
+        self.split, self.year = split, year
+        self.ids = _read_ids(self.voc_dir, "Segmentation", split)
+        self.transform = transform
+        self.classes = VOC_CLASSES_WITH_BACKGROUND
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_mask(self, index: int) -> torch.Tensor:
+        """Read the class-index mask of sample ``index`` as int64 ``(H, W)``."""
+        path = self.voc_dir / "SegmentationClass" / f"{self.ids[index]}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"VOC segmentation mask {path} not found")
+        with Image.open(path) as img:
+            # Converting a "P" image to "L" would map palette colours to
+            # luminance and destroy the class ids, so only the raw indices count.
+            if img.mode not in ("P", "L"):
+                raise ValueError(
+                    f"{path}: mask mode is {img.mode!r}; expected a palette ('P') or "
+                    f"grayscale ('L') PNG holding class indices"
+                )
+            mask = torch.from_numpy(np.array(img, dtype=np.uint8)).long()
+        bad = (mask > len(VOC_CLASSES)) & (mask != IGNORE_INDEX)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{path}: mask value {int(mask[bad][0])} is not a class id "
+                f"(valid: 0..{len(VOC_CLASSES)} or {IGNORE_INDEX})"
+            )
+        return mask
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = _load_rgb(self.voc_dir / "JPEGImages" / f"{self.ids[index]}.jpg")
+        image = image.as_subclass(torch.Tensor)  # plain tensor for the Seg* transforms
+        mask = self.load_mask(index)
+        if mask.shape != image.shape[-2:]:
+            raise ValueError(
+                f"VOC sample {self.ids[index]}: image {tuple(image.shape[-2:])} and mask "
+                f"{tuple(mask.shape)} sizes differ"
+            )
+        if self.transform is not None:
+            return self.transform(image, mask)
+        return image, mask
+
+    def __repr__(self) -> str:
+        return f"VOCSegmentation(year={self.year!r}, split={self.split!r}, n={len(self)})"

@@ -1,0 +1,18 @@
+"""Model families and the registry."""
+
+from . import frostnet as _frostnet_family  # noqa: F401  (registers the FrostNets)
+from ._layers import ConvBNAct, make_divisible
+from ._registry import get_model, get_model_builder, get_model_task, list_models, register_model
+from .frostnet import FrostNet, frostnet
+
+__all__ = [
+    "ConvBNAct",
+    "FrostNet",
+    "frostnet",
+    "get_model",
+    "get_model_builder",
+    "get_model_task",
+    "list_models",
+    "make_divisible",
+    "register_model",
+]

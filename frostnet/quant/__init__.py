@@ -1,0 +1,47 @@
+"""Quantization helpers: fusion, QAT/PTQ preparation, INT8 conversion.
+
+The eager ``torch.ao.quantization`` backend lives in :mod:`frostnet.quant._eager`; everything
+else in frostnet goes through the names exported here.
+"""
+
+from ._eager import (
+    BACKENDS,
+    DeQuantStub,
+    FloatFunctional,
+    QuantStub,
+    calibrate,
+    check_backend,
+    convert,
+    disable_observer,
+    enable_observer,
+    freeze_bn_stats,
+    fuse_modules,
+    get_qconfig,
+    is_fake_quant_module,
+    is_quantized_model,
+    prepare_ptq,
+    prepare_qat,
+    quantize_ptq,
+    use_engine,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DeQuantStub",
+    "FloatFunctional",
+    "QuantStub",
+    "calibrate",
+    "check_backend",
+    "convert",
+    "disable_observer",
+    "enable_observer",
+    "freeze_bn_stats",
+    "fuse_modules",
+    "get_qconfig",
+    "is_fake_quant_module",
+    "is_quantized_model",
+    "prepare_ptq",
+    "prepare_qat",
+    "quantize_ptq",
+    "use_engine",
+]

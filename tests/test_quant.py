@@ -1,0 +1,174 @@
+"""Fusion, QAT preparation, parameter identity and INT8 conversion on x86 and qnnpack."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import frostnet
+from frostnet import quant
+
+FROSTNETS = frostnet.list_models("frostnet_*")
+BACKENDS = ["x86", "qnnpack"]
+
+
+def _qat_steps(model, x, y, steps, adam=False):
+    if adam:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FROSTNETS)
+def test_qat_then_convert_agrees_with_fake_quant(name, backend):
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model = frostnet.get_model(name, num_classes=10)
+    quant.prepare_qat(model, backend)
+    _qat_steps(model, x, y, steps=2)
+    model.eval()
+    with torch.no_grad():
+        fake = model(x)
+    int8 = quant.convert(model, backend)
+    assert quant.is_quantized_model(int8) and not quant.is_quantized_model(model)
+    with torch.no_grad():
+        out = int8(x)
+    assert out.dtype == torch.float32 and out.shape == (8, 10)
+    assert F.cosine_similarity(fake.flatten(), out.flatten(), dim=0) > 0.99
+    assert (fake.argmax(1) == out.argmax(1)).float().mean() >= 7 / 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trained_int8_top1_matches_fake_quant(backend):
+    """After the fake-quant model has learned a batch, INT8 predicts exactly what it predicts."""
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    quant.prepare_qat(model, backend)
+    loss = _qat_steps(model, x, y, steps=20, adam=True)
+    assert loss < 0.5
+    model.eval()
+    with torch.no_grad():
+        fake_top1 = model(x).argmax(1)
+        int8_top1 = quant.convert(model, backend)(x).argmax(1)
+    assert torch.equal(fake_top1, int8_top1)
+
+
+def test_fuse_model_uses_qat_fusion_in_training_mode():
+    from torch.ao.nn.intrinsic import ConvBnReLU2d  # the QAT fusion keeps BN as a module
+
+    model = frostnet.get_model("frostnet_small_0_35").train()
+    model.fuse_model()
+    assert isinstance(model.conv1.conv[0], ConvBnReLU2d)
+    model = frostnet.get_model("frostnet_small_0_35").eval()
+    model.fuse_model()
+    assert isinstance(model.conv1.conv[0], torch.ao.nn.intrinsic.ConvReLU2d)
+    assert isinstance(model.conv1.conv[1], torch.nn.Identity)
+    model.fuse_model()  # idempotent
+
+
+def test_eval_fusion_preserves_outputs():
+    model = frostnet.get_model("frostnet_base_0_5").eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    model.fuse_model()
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_qat_keeps_parameter_objects_and_optimizer_state():
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = [p for group in opt.param_groups for p in group["params"]]
+    buffers = {id(p): opt.state[p]["momentum_buffer"].clone() for p in before}
+
+    quant.prepare_qat(model, "x86")
+    trained = list(model.parameters())
+    assert {id(p) for p in trained} == {id(p) for p in before}
+    assert len(trained) == len(before)
+    # the optimizer keeps stepping the prepared model's parameters with the old momentum
+    w = model.conv1.conv[0].weight
+    assert opt.state[w]["momentum_buffer"].equal(buffers[id(w)])
+    old = w.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(old, w.detach())
+
+
+def test_ptq_quantize_matches_float_roughly():
+    model = frostnet.get_model("frostnet_small_0_5", num_classes=10)
+    batches = [torch.randn(4, 3, 64, 64) for _ in range(4)]
+    with torch.no_grad():  # realistic BN statistics, so activations do not vanish at init
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        for b in batches:
+            model(b)
+    model.eval()
+    int8 = quant.quantize_ptq(model, batches, "x86")
+    x = batches[0]
+    with torch.no_grad():
+        ref, out = model(x), int8(x)
+    assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.75  # random weights: PTQ is coarse, a broken path gives ~0
+    assert not quant.is_quantized_model(model)  # the float model is untouched
+
+
+def test_unknown_backend_raises_instead_of_returning_float():
+    model = frostnet.get_model("frostnet_small_0_35")
+    with pytest.raises(ValueError, match=r"unknown quantization backend 'arm'; valid choices: x86, fbgemm, qnnpack"):
+        quant.prepare_qat(model, "arm")
+    with pytest.raises(ValueError, match="unknown quantization backend"):
+        quant.convert(model, "tensorrt")
+    with pytest.raises(ValueError, match="unknown quantization backend"):
+        quant.get_qconfig("onnx", qat=False)
+
+
+def test_per_channel_weights_on_x86_per_tensor_on_qnnpack():
+    # converted weights report the affine schemes; symmetric means their zero points are all 0
+    for backend, scheme in [("x86", torch.per_channel_affine), ("qnnpack", torch.per_tensor_affine)]:
+        model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+        quant.prepare_qat(model, backend)
+        model(torch.randn(2, 3, 32, 32))
+        int8 = quant.convert(model.eval(), backend)
+        weight = int8.layer3[0].conv1.conv[0].weight()
+        assert weight.qscheme() == scheme
+        zero_points = weight.q_per_channel_zero_points() if backend == "x86" else torch.tensor([weight.q_zero_point()])
+        assert (zero_points == 0).all()
+
+
+def test_use_engine_restores():
+    before = torch.backends.quantized.engine
+    with quant.use_engine("qnnpack"):
+        assert torch.backends.quantized.engine == "qnnpack"
+    assert torch.backends.quantized.engine == before
+
+
+def test_observer_and_bn_freezing_helpers():
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    quant.prepare_qat(model, "x86")
+    x = torch.randn(4, 3, 32, 32)
+    model(x)
+    quant.freeze_bn_stats(model)
+    quant.disable_observer(model)
+    fq = model.conv1.conv[0].weight_fake_quant
+    scale = fq.scale.clone()
+    mean = model.conv1.conv[0].bn.running_mean.clone()
+    model(x * 3)
+    assert torch.equal(fq.scale, scale)
+    assert torch.equal(model.conv1.conv[0].bn.running_mean, mean)
+    quant.enable_observer(model)
+    model(x * 3)
+    assert not torch.equal(fq.scale, scale)
