@@ -1,0 +1,101 @@
+"""Command-line flags of the training recipe (``tools/train.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+MODES = ("fp", "qat", "qat-finetune", "statassist", "statassist+gradboost")
+OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+SCHEDULES = ("cosine", "step", "poly", "constant")
+
+_EPILOG = """\
+modes:
+  fp                    float training only (the FP32 baseline; --ptq-eval adds PTQ INT8 accuracy)
+  qat                   fake-quantized training from scratch, no FP phase (the "scratch QAT" baseline)
+  qat-finetune          classic QAT: load FP-trained weights (--init), then QAT with a small LR
+  statassist            --fp-epochs of float training warm the optimizer (momentum, moments), then
+                        fuse + prepare_qat keeps the same parameters and optimizer state for QAT
+  statassist+gradboost  the same, with GradBoost: statistics collected in the FP phase, noise added
+                        to a random half of the gradients in the QAT phase, decaying
+
+Paper defaults (FrostNet ImageNet): --opt rmsprop --lr 0.048 (batch 512) --sched step --decay-epochs 2.4
+--decay-rate 0.97 --wd 1e-5 --dropout 0.2; GradBoost --gb-decay 0.9 --gb-clamp 1e-3 --gb-noise-decay 1e-2.
+Detection (SSD): --opt sgd --nesterov --lr 1e-2; segmentation: --opt sgd --lr 7e-3 --sched poly.
+
+examples:
+  python tools/train.py --model frostnet_small_0_35 --data fashion_mnist --mode statassist+gradboost \\
+      --epochs 2 --train-subset 2000 --output-dir runs/smoke
+  torchrun --nproc-per-node 2 tools/train.py --model frostnet_small_1_0 --data fashion_mnist ...
+  python tools/train.py ... --resume runs/smoke/checkpoint.pt
+"""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Every flag of the recipe, with the papers' defaults where they apply."""
+    p = argparse.ArgumentParser(
+        description="frostnet training recipe: FP, QAT, StatAssist and GradBoost from scratch.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="frostnet_small_1_0", help="registered model name (frostnet.list_models())")
+    g.add_argument("--data", default="fashion_mnist",
+                   help="dataset spec: fashion_mnist[:<root>] (Debian package dataset-fashion-mnist) or imagefolder:<path> (ImageNet layout)")
+    g.add_argument("--input-size", type=int, default=32, help="training/eval resolution (Fashion-MNIST: 28x28 zero-padded to 32)")
+    g.add_argument("--train-subset", type=int, default=0, help="use a seeded random subset of this many training images (0 = all)")
+    g.add_argument("--val-size", type=int, default=0,
+                   help="hold out this many training images as a validation split for per-epoch evaluation (0 = evaluate on the test split)")
+    g.add_argument("--eval-subset", type=int, default=0, help="evaluate on the first N images of the eval split (0 = all)")
+    g.add_argument("--dropout", type=float, default=0.2, help="classifier dropout")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (imagefolder only)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--mode", default="statassist+gradboost", choices=MODES, help="training scheme (see below)")
+    g.add_argument("--epochs", type=int, default=10, help="total epochs, FP phase included (StatAssist replaces LR warm-up)")
+    g.add_argument("--fp-epochs", type=int, default=1, help="StatAssist: float epochs before QAT (modes statassist*)")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across DDP ranks)")
+    g.add_argument("--opt", default="sgd", choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
+    g.add_argument("--wd", type=float, default=4e-5, help="weight decay on conv/linear weights (not on BN or biases)")
+    g.add_argument("--rmsprop-eps", type=float, default=1e-3, help="RMSprop epsilon (TF-style default of the FrostNet recipe)")
+    g.add_argument("--sched", default="cosine", choices=SCHEDULES, help="LR schedule, stepped every iteration")
+    g.add_argument("--decay-epochs", type=float, default=2.4, help="step schedule: epochs between decays")
+    g.add_argument("--decay-rate", type=float, default=0.97, help="step schedule: LR factor per decay")
+    g.add_argument("--poly-power", type=float, default=0.9, help="poly schedule power")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine schedule: final LR as a fraction of --lr")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--init", default=None, help="FP32 weights file (safetensors) to start from (required by qat-finetune)")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order, augmentation, dropout and GradBoost noise")
+
+    g = p.add_argument_group("quantization")
+    g.add_argument("--backend", default="x86", help="INT8 engine the QAT targets: x86, fbgemm or qnnpack")
+    g.add_argument("--weight-bits", type=int, default=8, help="simulated weight bits in fake quantization (<=8; still converts to INT8)")
+    g.add_argument("--act-bits", type=int, default=8, help="simulated activation bits in fake quantization (<=8)")
+    g.add_argument("--freeze-bn-epoch", type=int, default=-1, help="epoch from which BN statistics are frozen in QAT (-1 = never)")
+    g.add_argument("--freeze-observer-epoch", type=int, default=-1, help="epoch from which quantization ranges are frozen (-1 = never)")
+    g.add_argument("--ptq-eval", action="store_true", help="mode fp: also report the accuracy of a post-training-quantized INT8 copy each epoch")
+    g.add_argument("--calib-batches", type=int, default=8, help="batches used to calibrate PTQ/other-backend INT8 copies")
+    g.add_argument("--int8-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate a converted INT8 copy (CPU) every QAT epoch")
+
+    g = p.add_argument_group("GradBoost")
+    g.add_argument("--gb-decay", type=float, default=0.9, help="gamma1: decay of the moving max/min of the gradient")
+    g.add_argument("--gb-clamp", type=float, default=1e-3, help="gamma2: largest noise magnitude")
+    g.add_argument("--gb-noise-decay", type=float, default=1e-2, help="noise scaled by (1 - this) ** boost_step")
+    g.add_argument("--gb-coin-toss", action=argparse.BooleanOptionalAction, default=True, help="boost a Bernoulli(1/2) half of the elements")
+
+    g = p.add_argument_group("output, checkpoints and logging")
+    g.add_argument("--output-dir", default="runs/default", help="checkpoint.pt, metrics.jsonl and exported weights go here")
+    g.add_argument("--resume", default=None, help="checkpoint to resume from ('auto' = <output-dir>/checkpoint.pt if it exists)")
+    g.add_argument("--ckpt-interval-steps", type=int, default=0, help="also checkpoint every N steps inside an epoch (0 = epoch ends only)")
+    g.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the FP32 and INT8 safetensors files into <output-dir>/export at the end")
+    g.add_argument("--export-backends", default="x86,qnnpack", help="comma-separated INT8 backends to export")
+    g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    g.add_argument("--exit-at-step", type=int, default=0,
+                   help="testing aid: hard-exit (os._exit) right after this global step, as a killed job would")
+    return p

@@ -1,0 +1,358 @@
+"""The training engine behind ``tools/train.py``.
+
+One process::
+
+    python tools/train.py --model frostnet_small_0_35 --data fashion_mnist --epochs 2 --output-dir runs/x
+
+Distributed (gloo on CPU, nccl on GPU, detected from the torchrun environment)::
+
+    torchrun --nproc-per-node 2 tools/train.py ...
+
+Checkpoints (``<output-dir>/checkpoint.pt``, written atomically) hold the model, optimizer (with
+GradBoost state), scheduler, StatAssist phase, epoch/step, RNG state and args; ``--resume``
+continues bitwise where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import quant
+from ..models import get_model
+from ..optim import GradBoost
+from ..serialization import load_fp32
+from .data import DataInfo, TensorBatches, build_data
+from .statassist import StatAssist
+
+__all__ = ["main", "build_optimizer", "build_scheduler", "evaluate", "train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from the torchrun environment; initialises the process group."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            device, backend = torch.device("cuda", local), "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The optimizer of ``--opt`` (GradBoost-wrapped for ``statassist+gradboost``).
+
+    Weight decay applies to conv/linear weights only, never to BN parameters or biases.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    elif args.opt == "adamw":
+        opt = torch.optim.AdamW(groups, lr=args.lr)
+    elif args.opt == "adam":
+        opt = torch.optim.Adam(groups, lr=args.lr)
+    elif args.opt == "rmsprop":
+        opt = torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, eps=args.rmsprop_eps, momentum=args.momentum)
+    else:
+        raise ValueError(f"unknown --opt {args.opt!r}; valid choices: sgd, adamw, adam, rmsprop")
+    if args.mode == "statassist+gradboost":
+        opt = GradBoost(opt, decay=args.gb_decay, clamp=args.gb_clamp, noise_decay=args.gb_noise_decay,
+                        coin_toss=args.gb_coin_toss, seed=args.seed)
+    return opt
+
+
+def build_scheduler(opt: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration LR multiplier for ``--sched`` over the whole run (both phases)."""
+    total = max(1, args.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        t = min(step, total) / total
+        if args.sched == "cosine":
+            return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if args.sched == "step":
+            return args.decay_rate ** math.floor(step / steps_per_epoch / args.decay_epochs)
+        if args.sched == "poly":
+            return (1 - t) ** args.poly_power
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Any, epoch: int = 0) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean loss of ``model`` over ``batches.epoch(epoch)``."""
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in batches.epoch(epoch):
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.numel()
+    return {"top1": 100.0 * correct / max(1, total), "loss": loss / max(1, total), "n": total}
+
+
+def calibration_batches(train_b: Any, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` unaugmented training batches for PTQ / cross-backend calibration."""
+    if isinstance(train_b, TensorBatches):
+        g = torch.Generator().manual_seed(seed + 7)
+        idx = torch.randperm(len(train_b.targets), generator=g)[: n * 128]
+        pipe = copy.copy(train_b.pipeline)
+        pipe.train = False
+        return [pipe(train_b.images[idx[i:i + 128]]) for i in range(0, len(idx), 128)]
+    return [x for x, _ in zip((b[0] for b in train_b.epoch(0)), range(n))]
+
+
+def _quant_ranges(args: argparse.Namespace) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    for name in ("weight_bits", "act_bits"):
+        bits = getattr(args, name)
+        if not 2 <= bits <= 8:
+            raise ValueError(f"--{name.replace('_', '-')} must be in 2..8, got {bits}")
+    w = None if args.weight_bits == 8 else (-(2 ** (args.weight_bits - 1)), 2 ** (args.weight_bits - 1) - 1)
+    a = None if args.act_bits == 8 else (0, 2 ** args.act_bits - 1)
+    return w, a
+
+
+def _fp_epochs(args: argparse.Namespace) -> int:
+    if args.mode == "fp":
+        return args.epochs  # never switches
+    if args.mode in ("qat", "qat-finetune"):
+        return 0
+    if not 0 <= args.fp_epochs <= args.epochs:
+        raise ValueError(f"--fp-epochs must be in 0..--epochs ({args.epochs}), got {args.fp_epochs}")
+    return args.fp_epochs
+
+
+def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:
+    """Raise unless every DDP rank holds bitwise-identical parameters (GradBoost noise must agree)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Optional[str]] = [None] * world
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests}")
+    return True
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic write: a crash leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    quant.check_backend(args.backend)
+    if args.mode == "qat-finetune" and not args.init:
+        raise ValueError("--mode qat-finetune needs --init <FP32 weights file> (the FP-trained model to fine-tune)")
+    fp_epochs = _fp_epochs(args)
+    wrange, arange = _quant_ranges(args)
+    out = Path(args.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    train_b, eval_b, info = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
+                                       rank=rank, world=world, train_subset=args.train_subset, val_size=args.val_size,
+                                       eval_subset=args.eval_subset, workers=args.workers)
+    model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout).to(device)
+    if args.init:
+        tensors, meta = load_fp32(args.init)
+        model.load_state_dict(tensors, strict=True)
+    opt = build_optimizer(model, args)
+    sa = StatAssist(model, opt, backend=args.backend, fp_epochs=fp_epochs, weight_quant_range=wrange, act_quant_range=arange)
+    steps_per_epoch = len(train_b)
+    sched = build_scheduler(opt, args, steps_per_epoch)
+
+    start_epoch = start_batch = global_step = 0
+    history: list[dict[str, Any]] = []
+    ckpt_path = out / "checkpoint.pt"
+    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else (None if args.resume == "auto" else args.resume)
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        if ckpt["args"]["model"] != args.model or ckpt["args"]["mode"] != args.mode:
+            raise ValueError(f"{resume} was written by --model {ckpt['args']['model']} --mode {ckpt['args']['mode']}, "
+                             f"not --model {args.model} --mode {args.mode}")
+        sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
+        history = ckpt.get("history", [])
+        if rank == 0:
+            print(f"resumed from {resume}: epoch {start_epoch}, batch {start_batch}, phase {sa.phase}", flush=True)
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "statassist": sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": global_step,
+            "rng": torch.get_rng_state(), "args": vars(args), "history": history,
+            "data": {"name": info.name, "categories": info.categories},
+        })
+
+    log_file = out / "metrics.jsonl"
+    ddp_model: nn.Module = model
+    wrapped_phase = None
+    for epoch in range(start_epoch, args.epochs):
+        switched = sa.on_epoch_start(epoch)
+        if sa.phase == "qat":
+            if args.freeze_bn_epoch >= 0 and epoch >= args.freeze_bn_epoch:
+                quant.freeze_bn_stats(model)
+            if args.freeze_observer_epoch >= 0 and epoch >= args.freeze_observer_epoch:
+                quant.disable_observer(model)
+        if world > 1 and wrapped_phase != sa.phase:
+            # QAT swaps modules, so DDP must wrap the prepared model anew (same parameters).
+            ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped_phase = sa.phase
+        if switched and rank == 0:
+            print(f"epoch {epoch}: StatAssist switched to QAT ({args.backend}); optimizer state carried over", flush=True)
+
+        t0 = time.time()
+        ddp_model.train()
+        run_loss = run_correct = run_n = 0.0
+        bar = None
+        if args.progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch} [{sa.phase}]", mininterval=10, leave=False)
+        for b, (x, y) in enumerate(train_b.epoch(epoch, start_batch), start=start_batch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            outp = ddp_model(x)
+            loss = F.cross_entropy(outp, y, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            global_step += 1
+            run_loss += loss.item() * y.numel()
+            run_correct += (outp.argmax(1) == y).sum().item()
+            run_n += y.numel()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4g}", refresh=False)
+            if args.ckpt_interval_steps and (b + 1) % args.ckpt_interval_steps == 0 and b + 1 < steps_per_epoch:
+                checkpoint(epoch, b + 1)
+            if args.exit_at_step and global_step == args.exit_at_step:
+                os._exit(3)  # simulate a killed job: no cleanup, no final checkpoint
+        if bar is not None:
+            bar.close()
+        start_batch = 0
+        train_time = time.time() - t0
+
+        in_sync = _check_replicas_in_sync(model, world) if world > 1 else None
+        record: dict[str, Any] = {"epoch": epoch, "phase": sa.phase, "lr": sched.get_last_lr()[0],
+                                  "train_loss": run_loss / max(1, run_n), "train_top1": 100 * run_correct / max(1, run_n),
+                                  "train_time_s": round(train_time, 1), "eval_split": info.eval_split}
+        if in_sync is not None:
+            record["replicas_in_sync"] = in_sync
+        if rank == 0:
+            ev = evaluate(model, eval_b)
+            record["fp32_top1" if sa.phase == "fp" else "fake_quant_top1"] = ev["top1"]
+            record["eval_loss"] = ev["loss"]
+            if sa.phase == "qat" and args.int8_eval:
+                record["int8_top1"] = evaluate(quant.convert(model, args.backend), eval_b)["top1"]
+            elif sa.phase == "fp" and args.ptq_eval:
+                calib = calibration_batches(train_b, args.calib_batches, args.seed)
+                record["ptq_int8_top1"] = evaluate(quant.quantize_ptq(model, calib, args.backend), eval_b)["top1"]
+            record["eval_time_s"] = round(time.time() - t0 - train_time, 1)
+            history.append(record)
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+        checkpoint(epoch + 1, 0)
+
+    final: dict[str, Any] = {}
+    if rank == 0:
+        final = finish(args, model, sa, train_b, info, out)
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"final": final}) + "\n")
+        print(json.dumps({"final": final}), flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: Any, info: DataInfo, out: Path) -> dict[str, Any]:
+    """Final test-split evaluation (FP32 latent weights, fake-quant, INT8 per backend) and export."""
+    from .export import export_run
+
+    _, test_b, _ = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
+                              rank=0, world=1, eval_split="test", eval_subset=args.eval_subset)
+    float_model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout)
+    float_model.load_state_dict(sa.float_state_dict(), strict=True)
+    final: dict[str, Any] = {"model": args.model, "mode": args.mode, "epochs": args.epochs, "split": "test",
+                             "fp32_top1": evaluate(float_model, test_b)["top1"]}
+    if sa.phase == "qat":
+        final["fake_quant_top1"] = evaluate(model, test_b)["top1"]
+    backends = [b for b in args.export_backends.split(",") if b]
+    calib = calibration_batches(train_b, args.calib_batches, args.seed)
+    int8_models = {}
+    for backend in backends:
+        int8_models[backend] = int8_for_backend(model, float_model, sa, backend, args, calib)
+        final[f"int8_{backend}_top1"] = evaluate(int8_models[backend], test_b)["top1"]
+    if args.export:
+        final["files"] = export_run(args, float_model, int8_models, info, final, out / "export")
+    return final
+
+
+def int8_for_backend(model: nn.Module, float_model: nn.Module, sa: StatAssist, backend: str, args: argparse.Namespace,
+                     calib: list[torch.Tensor]) -> nn.Module:
+    """INT8 model for ``backend``.
+
+    QAT runs convert their own fake-quant model for the backend they trained for. For any other
+    backend (and for FP runs) the latent FP32 weights are prepared for that backend and its
+    activation ranges calibrated on ``calib`` (BN statistics and weights untouched).
+    """
+    if sa.phase == "qat" and backend == sa.backend:
+        return quant.convert(model, backend)
+    if sa.phase == "fp":
+        return quant.quantize_ptq(float_model, calib, backend)
+    wrange, arange = _quant_ranges(args)
+    m = copy.deepcopy(float_model)
+    quant.prepare_qat(m, backend, weight_quant_range=wrange, act_quant_range=arange)
+    m.eval()  # BN uses its running statistics; the fake-quant observers still record ranges
+    with torch.no_grad():
+        for x in calib:
+            m(x)
+    return quant.convert(m, backend)

@@ -1,0 +1,41 @@
+"""Export of a finished run: the FP32 file and INT8 files, with manifest-ready metadata."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..serialization import save_fp32
+from .data import DataInfo
+
+
+def recipe_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run."""
+    return "python tools/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def export_run(args: argparse.Namespace, float_model: nn.Module, int8_models: dict[str, nn.Module], info: DataInfo,
+               final: dict[str, Any], out: Path) -> dict[str, str]:
+    """Write ``<arch>.<dataset>.fp32.safetensors`` and one INT8 file per backend into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = f"{args.model}.{info.name}"
+    meta = {"dataset": info.name, "categories": json.dumps(info.categories), "input_size": str(info.input_size),
+            "mean": json.dumps(info.mean), "std": json.dumps(info.std), "recipe": recipe_command(args), "mode": args.mode}
+    files = {"fp32": str(out / f"{base}.fp32.safetensors")}
+    save_fp32(float_model, files["fp32"], arch=args.model, num_classes=len(info.categories), metadata=meta)
+    for backend, int8 in int8_models.items():
+        from ..quant import save_int8  # provided by the INT8 file format
+
+        path = out / f"{base}.int8_{backend}.safetensors"
+        save_int8(int8, path, arch=args.model, num_classes=len(info.categories), backend=backend, metadata=meta)
+        files[f"int8_{backend}"] = str(path)
+    with open(out / "run.json", "w") as f:
+        json.dump({"final": {k: v for k, v in final.items() if k != "files"}, "recipe": recipe_command(args),
+                   "args": vars(args), "data": info.__dict__}, f, indent=2)
+    return files

@@ -1,0 +1,102 @@
+"""StatAssist: warm the optimizer with float training, then continue the same run fake-quantized.
+
+Kim et al. (StatAssist & GradBoost, Sec. 3.1, Algorithm 2): one FP epoch lets the optimizer
+accumulate a sensible momentum (and Adam/RMSprop moments); fusing and preparing the model for QAT
+afterwards keeps every parameter object, so the optimizer continues with that state. It replaces
+LR warm-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .. import quant
+from ..optim import GradBoost
+
+__all__ = ["StatAssist", "PHASES"]
+
+PHASES = ("fp", "qat")
+
+
+class StatAssist:
+    """Switches a float model and its optimizer to QAT after ``fp_epochs`` epochs.
+
+    Usage in any training loop::
+
+        model = frostnet.get_model("frostnet_small_1_0", num_classes=10)
+        opt = GradBoost(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+        sa = StatAssist(model, opt, backend="x86", fp_epochs=1)
+        for epoch in range(epochs):
+            sa.on_epoch_start(epoch)      # prepares QAT in place at epoch == fp_epochs
+            ...train one epoch with the same `opt`...
+        int8 = frostnet.quant.convert(model, "x86")
+
+    Args:
+        model: the float model (with ``fuse_model``); modified in place at the switch.
+        optimizer: the optimizer that trains ``model`` in both phases; a :class:`GradBoost`
+            wrapper is moved from its ``"collect"`` to its ``"boost"`` phase at the switch.
+        backend: the INT8 engine the fake quantization targets.
+        fp_epochs: float epochs before the switch (0 = QAT from the first epoch).
+        weight_quant_range / act_quant_range: passed to :func:`frostnet.quant.prepare_qat`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[Optimizer] = None,
+        *,
+        backend: str = "x86",
+        fp_epochs: int = 1,
+        weight_quant_range: Optional[tuple[int, int]] = None,
+        act_quant_range: Optional[tuple[int, int]] = None,
+    ) -> None:
+        if not isinstance(fp_epochs, int) or fp_epochs < 0:
+            raise ValueError(f"fp_epochs must be a non-negative integer, got {fp_epochs!r}")
+        quant.check_backend(backend)
+        self.model, self.optimizer, self.backend, self.fp_epochs = model, optimizer, backend, fp_epochs
+        self.weight_quant_range, self.act_quant_range = weight_quant_range, act_quant_range
+        self.phase = "fp"
+        # The float model's tensors by their unfused names. QAT fusion keeps these very objects
+        # (parameters and BN buffers), so they remain a float view of the latent weights.
+        self._float_tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
+        if isinstance(optimizer, GradBoost) and optimizer.phase != "collect":
+            optimizer.set_phase("collect")
+
+    def on_epoch_start(self, epoch: int) -> bool:
+        """Switch to QAT if ``epoch`` has reached ``fp_epochs``; True if it switched now."""
+        if self.phase == "fp" and epoch >= self.fp_epochs:
+            self.switch_to_qat()
+            return True
+        return False
+
+    def switch_to_qat(self) -> None:
+        """Fuse + prepare the model for QAT in place, keeping parameters and optimizer state."""
+        if self.phase == "qat":
+            raise RuntimeError("StatAssist has already switched this model to QAT")
+        before = {id(p) for p in self.model.parameters()}
+        quant.prepare_qat(self.model, self.backend, weight_quant_range=self.weight_quant_range,
+                          act_quant_range=self.act_quant_range)
+        if {id(p) for p in self.model.parameters()} != before:
+            # The optimizer would silently keep stepping orphaned tensors.
+            raise RuntimeError("prepare_qat replaced parameter objects; the optimizer state would be lost")
+        if isinstance(self.optimizer, GradBoost):
+            self.optimizer.set_phase("boost")
+        self.phase = "qat"
+
+    def float_state_dict(self) -> dict[str, torch.Tensor]:
+        """The latent weights in the float model's (unfused) layout, detached copies."""
+        return {k: v.detach().clone() for k, v in self._float_tensors.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "fp_epochs": self.fp_epochs, "backend": self.backend}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the phase; call before loading the model's state dict (QAT needs the skeleton)."""
+        if state.get("phase") not in PHASES:
+            raise ValueError(f"unknown StatAssist phase {state.get('phase')!r}; valid choices: {', '.join(PHASES)}")
+        if state["phase"] == "qat" and self.phase == "fp":
+            self.switch_to_qat()

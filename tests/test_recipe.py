@@ -1,0 +1,159 @@
+"""The training recipe: StatAssist carry-over, kill-and-resume, DDP agreement, the CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import frostnet
+from frostnet.data import FashionMNIST
+from frostnet.optim import GradBoost
+from frostnet.recipe import StatAssist, get_args_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_fashion_mnist() -> bool:
+    try:
+        FashionMNIST(split="test")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _has_fashion_mnist(), reason="apt-get install -y dataset-fashion-mnist")
+
+TINY = ["--model", "frostnet_small_0_35", "--data", "fashion_mnist", "--train-subset", "512", "--batch-size", "64",
+        "--eval-subset", "256", "--calib-batches", "1", "--no-progress", "--lr", "0.05"]
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("gradboost", [False, True])
+def test_statassist_carries_fp_momentum_into_qat(gradboost):
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    if gradboost:
+        opt = GradBoost(opt, seed=1)
+    sa = StatAssist(model, opt, backend="x86", fp_epochs=1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    assert not sa.on_epoch_start(0) and sa.phase == "fp"
+    for _ in range(3):
+        _step(model, opt, x, y)
+    w = model.layer4[0].squeeze_conv.conv[0].weight
+    buf = opt.state[w]["momentum_buffer"]
+    fp_momentum = buf.clone()
+    assert fp_momentum.abs().sum() > 0
+
+    assert sa.on_epoch_start(1) and sa.phase == "qat"
+    assert model.layer4[0].squeeze_conv.conv[0].weight is w  # the QAT module trains the same tensor
+    assert opt.state[w]["momentum_buffer"] is buf and torch.equal(buf, fp_momentum)
+    if gradboost:
+        assert opt.phase == "boost"
+    # the first QAT step continues the FP momentum: new buffer = 0.9 * old + grad
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = w.grad.clone()
+    if not gradboost:
+        opt.step()
+        torch.testing.assert_close(opt.state[w]["momentum_buffer"], 0.9 * fp_momentum + grad)
+
+
+def test_statassist_float_view_follows_qat_training():
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sa = StatAssist(model, opt, fp_epochs=0)
+    sa.on_epoch_start(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        _step(model, opt, x, y)
+    view = sa.float_state_dict()
+    fused = model.conv1.conv[0]  # ConvBnReLU2d (QAT)
+    assert torch.equal(view["conv1.conv.0.weight"], fused.weight)
+    assert torch.equal(view["conv1.conv.1.running_mean"], fused.bn.running_mean)
+    assert int(view["conv1.conv.1.num_batches_tracked"]) == 2
+    float_model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    float_model.load_state_dict(view, strict=True)
+
+
+def test_statassist_errors():
+    model = frostnet.get_model("frostnet_small_0_35")
+    with pytest.raises(ValueError, match="fp_epochs must be a non-negative integer, got -1"):
+        StatAssist(model, fp_epochs=-1)
+    with pytest.raises(ValueError, match="unknown quantization backend"):
+        StatAssist(model, backend="cuda")
+    with pytest.raises(ValueError, match="unknown StatAssist phase 'int4'"):
+        StatAssist(model).load_state_dict({"phase": "int4"})
+
+
+def test_help_documents_every_flag():
+    text = get_args_parser().format_help()
+    for action in get_args_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        assert action.help, action.option_strings
+
+
+@needs_data
+def test_cli_run_writes_fp32_fake_quant_and_int8_metrics(tmp_path):
+    out = tmp_path / "run"
+    args = get_args_parser().parse_args(TINY + ["--mode", "statassist+gradboost", "--epochs", "2",
+                                                "--output-dir", str(out), "--no-export", "--export-backends", "x86,qnnpack"])
+    final = main(args)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["phase"] == "fp" and "fp32_top1" in lines[0]
+    assert lines[1]["phase"] == "qat" and {"fake_quant_top1", "int8_top1"} <= set(lines[1])
+    assert {"fp32_top1", "fake_quant_top1", "int8_x86_top1", "int8_qnnpack_top1"} <= set(final)
+    assert lines[-1] == {"final": final}
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["statassist"]["phase"] == "qat"
+    assert "boost_state" in json.dumps(list(ckpt["optimizer"].keys())) or ckpt["optimizer"]
+
+
+@needs_data
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = TINY + ["--mode", "statassist+gradboost", "--epochs", "2", "--fp-epochs", "1", "--no-export",
+                     "--export-backends", "x86", "--ckpt-interval-steps", "3"]
+    # uninterrupted
+    ref = main(get_args_parser().parse_args(common + ["--output-dir", str(tmp_path / "ref")]))
+    # killed hard at global step 11 (epoch 1, batch 3: the QAT phase, right after a checkpoint at batch 3)
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), *common, "--output-dir", str(killed),
+                           "--exit-at-step", "11"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["statassist"]["phase"]) == (1, 3, "qat")
+    resumed = main(get_args_parser().parse_args(common + ["--output-dir", str(killed), "--resume", "auto"]))
+    for key in ("fp32_top1", "fake_quant_top1", "int8_x86_top1"):
+        assert resumed[key] == ref[key], key
+    a = torch.load(tmp_path / "ref/checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["rng"], b["rng"])
+
+
+@needs_data
+def test_ddp_two_processes_stay_bitwise_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(ROOT / "tools/train.py"), *TINY, "--mode", "statassist+gradboost",
+           "--epochs", "2", "--no-export", "--no-int8-eval", "--export-backends", "x86", "--threads", "1",
+           "--output-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(l) for l in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert [l.get("replicas_in_sync") for l in lines[:2]] == [True, True]
