@@ -1,0 +1,733 @@
+"""GradBoost: stochastic gradient boosting as a wrapper around any ``torch.optim`` optimizer.
+
+GradBoost is the second half of "StatAssist & GradBoost" (Section 3.2, equations 5-8 and
+Appendix Algorithms 3-4 of the paper). Before the wrapped optimizer steps, a random half of every
+gradient tensor is pushed further along its own sign by clamped Laplace noise whose scale follows
+the running spread of that gradient element, and the push fades out over the boost steps.
+
+Typical use with the StatAssist recipe::
+
+    optimizer = GradBoost(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                                          nesterov=True), seed=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    optimizer.set_phase("collect")   # StatAssist FP epoch: statistics only, no noise
+    ...train one epoch...
+    optimizer.set_phase("boost")     # QAT from scratch: noise on
+    ...train...
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, Final
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["GradBoost", "PHASES"]
+
+PHASES: Final[tuple[str, ...]] = ("collect", "boost")
+
+
+def _is_real(value: object) -> bool:
+    # bool is an Integral, but True as a decay or clamp is a bug, not a number.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_decay(decay: float) -> float:
+    if not _is_real(decay) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    return float(decay)
+
+
+def _check_clamp(clamp: float) -> float:
+    if not _is_real(clamp) or not math.isfinite(clamp) or clamp < 0.0:
+        raise ValueError(f"clamp must be a finite number >= 0, got {clamp!r}")
+    return float(clamp)
+
+
+def _check_noise_decay(noise_decay: float) -> float:
+    if not _is_real(noise_decay) or not 0.0 <= noise_decay <= 1.0:
+        raise ValueError(f"noise_decay must be a number in [0, 1], got {noise_decay!r}")
+    return float(noise_decay)
+
+
+def _check_coin_toss(coin_toss: bool) -> bool:
+    if not isinstance(coin_toss, bool):
+        raise TypeError(f"coin_toss must be a bool (True or False), got {coin_toss!r}")
+    return coin_toss
+
+
+def _check_seed(seed: int) -> int:
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return value
+
+
+def _check_phase(phase: str) -> str:
+    if phase not in PHASES:
+        raise ValueError(f"unknown GradBoost phase {phase!r}; valid phases are {', '.join(PHASES)}")
+    return phase
+
+
+class GradBoost(Optimizer):
+    r"""Add GradBoost (stochastic gradient boosting) to any ``torch.optim`` optimizer.
+
+    The wrapper edits ``p.grad`` in place and then calls the wrapped optimizer's ``step()``, so
+    the boosted gradient goes through the wrapped optimizer's own weight decay, momentum and
+    adaptive scaling exactly as in lines 13-16 of the paper's Algorithms 3-4. Nothing is copied
+    from the wrapped optimizer: ``param_groups``, ``state``, ``defaults``, ``zero_grad`` and
+    ``add_param_group`` are the wrapped optimizer's, and LR schedulers accept the wrapper because
+    it is an :class:`~torch.optim.Optimizer`.
+
+    Per parameter tensor and element-wise, with :math:`g_t` the gradient in ``p.grad`` when
+    ``step()`` is called (after any clipping or AMP unscaling, before the wrapped optimizer's
+    weight decay), :math:`t` the number of steps this parameter had a gradient and :math:`s` the
+    number of those taken in the ``"boost"`` phase:
+
+    .. math::
+        M_t &= \gamma_1 M_{t-1} + (1 - \gamma_1) \max(M_{t-1}, g_t), \qquad M_0 = 0 \\
+        m_t &= \gamma_1 m_{t-1} + (1 - \gamma_1) \min(m_{t-1}, g_t), \qquad m_0 = 0 \\
+        b_t &= \frac{M_t - m_t}{1 - \gamma_1^t}                       \quad \text{(eq. 5)} \\
+        \psi &\sim \mathrm{Laplace}(0, b_t), \qquad k \sim \mathrm{Bernoulli}(1/2) \\
+        \psi &\leftarrow \operatorname{sign}(g_t) \min(|\psi|, \gamma_2)  \quad \text{(eqs. 6-7)} \\
+        g_t &\leftarrow g_t + k \, (1 - \text{noise\_decay})^s \, \psi   \quad \text{(eq. 8)}
+
+    :math:`M` and :math:`m` are stored raw in ``boost_state[p]["exp_max"/"exp_min"]``; the bias
+    correction :math:`1/(1-\gamma_1^t)` is applied to the value used, never written back (a
+    constant gradient :math:`c` then gives exactly :math:`\hat M_t = c`, as Adam's correction
+    does for its moments). The statistics are updated in both phases; noise is added only in
+    ``"boost"``. With ``coin_toss=False``, :math:`k = 1` everywhere.
+
+    Where this deliberately differs from the printed algorithms (and from the reference code):
+
+    * Algorithms 3-4 start from :math:`M_0 = 1, m_0 = 0` with no bias correction; since the
+      update never lowers :math:`M`, gradients far below 1 would keep :math:`b_t \ge 1` forever
+      and the noise would always sit at the clamp. Both start at 0 here, with bias correction.
+    * The reference code tracks :math:`|g|` (so its minimum stays 0) and divides the stored
+      maximum by the bias correction in place every step (so it compounds). Neither happens here;
+      the signed gradient is tracked as equation 5 and Algorithm 3 write it.
+    * Line 13 of the algorithms scales by :math:`1 - \gamma_3^t`, which grows to 1; the text of
+      equation 8 calls the factor an exponential decay :math:`\lambda^t`. The decay is used,
+      with :math:`\lambda = 1 - \text{noise\_decay}` (the reference's parametrisation, so the
+      default 1e-2 gives :math:`0.99^s`), counted from the first boost step.
+    * Equation 7 as printed, :math:`\min(\max(\psi, 0), \epsilon)`, would zero the noise of every
+      negative gradient; the clamp is applied to the magnitude and the sign is kept.
+    * Line 6 adds the L2 term to :math:`g` before the statistics; the wrapper sees the loss
+      gradient only, because weight decay belongs to the wrapped optimizer (for AdamW it is
+      decoupled anyway).
+
+    ``p.grad`` is left boosted after ``step()`` rather than restored: the usual ``zero_grad()``
+    discards it, and restoring would cost a copy of every gradient each step. Code that reads
+    gradients after ``step()`` sees the boosted values.
+
+    Cost: per parameter element, two statistics and up to three and a half scratch values in the
+    parameter's dtype; per step about fifteen element-wise passes, run on one flat buffer per
+    (device, dtype) instead of per tensor. :math:`|\psi|` is drawn as :math:`-b_t \log u` from
+    16 random bits per element (15 used: the coin and :math:`u`), so its quantiles are exact on
+    a grid of :math:`2^{-13}` in probability (:math:`2^{-14}` without the coin toss); this is
+    what keeps the draw cheap on CPU.
+
+    Randomness comes from one :class:`torch.Generator` per device, seeded with ``seed`` and saved
+    in ``state_dict()``, so a run is reproducible and a resumed run continues the same stream.
+    Under DDP the gradients are already all-reduced when ``step()`` runs, so every rank must draw
+    the same noise to keep the replicas identical: give every rank the same ``seed`` (the
+    default) and load the same checkpoint on every rank.
+
+    Args:
+        optimizer: The optimizer to boost (any ``torch.optim`` optimizer except LBFGS, whose
+            closure re-evaluation would discard the noise).
+        decay: :math:`\gamma_1`, the decay of the moving maximum and minimum, in [0, 1).
+        clamp: :math:`\gamma_2`, the largest noise magnitude before the decay factor, >= 0.
+        noise_decay: Per-boost-step decay rate of the noise, in [0, 1]; the noise is scaled by
+            ``(1 - noise_decay) ** s`` at the ``s``-th boost step.
+        coin_toss: Apply the noise only where a Bernoulli(1/2) draw is 1 (the paper's random
+            subset :math:`D_t`); if False, every element is boosted.
+        seed: Seed of the noise generators (one per device).
+        phase: Initial phase, ``"collect"`` (statistics only, the StatAssist FP phase; the
+            default, so no noise is added until ``set_phase("boost")``) or ``"boost"``
+            (statistics and noise).
+
+    Raises:
+        TypeError: If ``optimizer`` is not a supported optimizer or ``coin_toss`` is not a bool.
+        ValueError: If a hyper-parameter is out of range or ``phase`` is unknown.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        decay: float = 0.9,
+        clamp: float = 1e-3,
+        noise_decay: float = 1e-2,
+        coin_toss: bool = True,
+        seed: int = 0,
+        phase: str = "collect",
+    ) -> None:
+        if isinstance(optimizer, GradBoost):
+            raise TypeError("optimizer is already a GradBoost; wrap the inner optimizer only once")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer instance, "
+                f"got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "GradBoost does not support LBFGS: it re-evaluates the closure inside step(), "
+                "which would replace the boosted gradients"
+            )
+        self.optimizer = optimizer
+        self._decay = _check_decay(decay)
+        self._clamp = _check_clamp(clamp)
+        self._noise_decay = _check_noise_decay(noise_decay)
+        self._coin_toss = _check_coin_toss(coin_toss)
+        self._seed = _check_seed(seed)
+        self._phase = _check_phase(phase)
+        # Per-parameter GradBoost statistics, kept apart from the wrapped optimizer's state:
+        # torch optimizers initialise their own state when theirs is empty, so foreign keys in it
+        # would break them.
+        self.boost_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._generators: dict[str, torch.Generator] = {}
+        # Generator states loaded before the device's generator exists (it is created lazily).
+        self._pending_generator_states: dict[str, Tensor] = {}
+        # Flat buffers per (device, dtype) bucket (statistics storage and scratch, see
+        # _FlatLayout) and the parameter set each bucket had a gradient for at the last step.
+        self._layouts: dict[tuple[torch.device, torch.dtype], _FlatLayout] = {}
+        self._previous_ids: dict[tuple[torch.device, torch.dtype], tuple[int, ...]] = {}
+        self._init_optimizer_base()
+
+    def _init_optimizer_base(self) -> None:
+        # Optimizer.__init__ would rebuild param_groups from scratch; the wrapper shares the
+        # wrapped optimizer's groups instead, so only the base-class bookkeeping is set up here
+        # (the hooks behind register_step_pre_hook & co and the profiling step patch).
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # -- delegation to the wrapped optimizer -----------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's parameter groups (shared, so LR schedulers reach it)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:  # type: ignore[override]
+        """The wrapped optimizer's per-parameter state (momentum buffers, moments, ...)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, Any]) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's default hyper-parameters."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients through the wrapped optimizer (see ``Optimizer.zero_grad``)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer; its GradBoost state starts empty."""
+        self.optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hooks are process-local (like torch's) and the scratch buffers are recreated lazily.
+        return {
+            "optimizer": self.optimizer,
+            "_decay": self._decay,
+            "_clamp": self._clamp,
+            "_noise_decay": self._noise_decay,
+            "_coin_toss": self._coin_toss,
+            "_seed": self._seed,
+            "_phase": self._phase,
+            "boost_state": self.boost_state,
+            "_generators": self._generators,
+            "_pending_generator_states": self._pending_generator_states,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._layouts = {}
+        self._previous_ids = {}
+        self._init_optimizer_base()
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"GradBoost(decay={self._decay}, clamp={self._clamp}, "
+            f"noise_decay={self._noise_decay}, coin_toss={self._coin_toss}, seed={self._seed}, "
+            f"phase={self._phase!r},\n{inner}\n)"
+        )
+
+    # -- hyper-parameters and phase --------------------------------------------------------------
+
+    @property
+    def decay(self) -> float:
+        """gamma1, the decay of the moving maximum and minimum."""
+        return self._decay
+
+    @decay.setter
+    def decay(self, value: float) -> None:
+        self._decay = _check_decay(value)
+
+    @property
+    def clamp(self) -> float:
+        """gamma2, the largest noise magnitude before the decay factor."""
+        return self._clamp
+
+    @clamp.setter
+    def clamp(self, value: float) -> None:
+        self._clamp = _check_clamp(value)
+
+    @property
+    def noise_decay(self) -> float:
+        """Per-boost-step decay rate of the noise (factor ``(1 - noise_decay) ** s``)."""
+        return self._noise_decay
+
+    @noise_decay.setter
+    def noise_decay(self, value: float) -> None:
+        self._noise_decay = _check_noise_decay(value)
+
+    @property
+    def coin_toss(self) -> bool:
+        """Whether only a Bernoulli(1/2) subset of the elements is boosted."""
+        return self._coin_toss
+
+    @coin_toss.setter
+    def coin_toss(self, value: bool) -> None:
+        self._coin_toss = _check_coin_toss(value)
+
+    @property
+    def seed(self) -> int:
+        """Seed of the per-device noise generators."""
+        return self._seed
+
+    @property
+    def phase(self) -> str:
+        """The current phase, ``"collect"`` or ``"boost"``; change it with :meth:`set_phase`."""
+        return self._phase
+
+    def set_phase(self, phase: str) -> None:
+        """Switch between statistics only (``"collect"``) and statistics plus noise (``"boost"``).
+
+        Args:
+            phase: ``"collect"`` or ``"boost"``.
+
+        Raises:
+            ValueError: If ``phase`` is not one of :data:`PHASES`.
+        """
+        self._phase = _check_phase(phase)
+
+    def noise_factor(self, param: Tensor) -> float:
+        """The decay factor ``(1 - noise_decay) ** s`` used at ``param``'s latest boost step.
+
+        Returns 1.0 before the first boost step (no noise has been scaled yet).
+        """
+        st = self.boost_state.get(param) or {}
+        return (1.0 - self._noise_decay) ** st.get("boost_step", 0)
+
+    def statistics(self, param: Tensor) -> tuple[Tensor, Tensor]:
+        """Bias-corrected moving maximum and minimum of ``param``'s gradient (new tensors).
+
+        Raises:
+            KeyError: If ``param`` has not been through a step with a gradient yet.
+        """
+        st = self.boost_state.get(param)
+        if not st:
+            raise KeyError("no GradBoost statistics for this parameter yet: it has not had a step")
+        correction = 1.0 - self._decay ** st["step"]
+        return st["exp_max"] / correction, st["exp_min"] / correction
+
+    # -- step ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None
+    ) -> float | None:
+        """Update the statistics, boost the gradients (``"boost"`` phase) and step the optimizer.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss; called once, before the
+                gradients are read.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._boost_gradients()
+        # The closure has already produced the gradients: stepping the wrapped optimizer with it
+        # again would recompute them and drop the noise.
+        self.optimizer.step()
+        return loss
+
+    def _boost_gradients(self) -> None:
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        seen: set[int] = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in seen:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GradBoost does not support sparse gradients")
+                seen.add(id(p))
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), params in buckets.items():
+            self._boost_bucket(device, dtype, params)
+
+    def _boost_bucket(self, device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> None:
+        boost = self._phase == "boost"
+        layout = self._layout_for(device, dtype, params)
+        states = [self.boost_state[p] for p in params]
+        for st in states:
+            if "step" not in st:
+                st.update(step=0, boost_step=0)
+            st["step"] += 1
+            if boost:
+                st["boost_step"] += 1
+        generator = self._generator(device) if boost else None
+        grads = [p.grad for p in params]
+
+        if layout is not None:
+            # Fast path: the bucket as one flat tensor, so that each operation is one kernel over
+            # all elements instead of one small kernel per parameter.
+            torch._foreach_copy_(layout.grad_views, grads)
+            self._update_statistics(layout.grad, layout.exp_max, layout.exp_min, layout.work)
+            if generator is None:
+                return
+            if layout.sign is None:
+                layout.allocate_noise_buffers()
+            # Parameters added later, or that missed steps, have their own step counts: runs of
+            # equal counts share the t-dependent clamp bound.
+            segments: list[tuple[int, int, float]] = []
+            scales: list[float] = []
+            start = 0
+            for p, st in zip(params, states):
+                correction = 1.0 - self._decay ** st["step"]
+                bound = self._clamp * correction
+                end = start + p.numel()
+                if segments and segments[-1][2] == bound:
+                    segments[-1] = (segments[-1][0], end, bound)
+                else:
+                    segments.append((start, end, bound))
+                start = end
+                scales.append((1.0 - self._noise_decay) ** st["boost_step"] / correction)
+            self._noise_magnitude(layout.exp_max, layout.exp_min, layout.work, layout.sign,
+                                  layout.bits, segments, generator)
+            torch.sign(layout.grad, out=layout.sign)
+            # g <- g + sign(g) (1 - noise_decay)^s min(|psi|, gamma2), straight into p.grad.
+            torch._foreach_addcmul_(grads, layout.work_views, layout.sign_views, scales)
+            return
+
+        # Fallback while the set of parameters with gradients is changing: the same update,
+        # one parameter at a time.
+        for p, st in zip(params, states):
+            if "exp_max" not in st:
+                st["exp_max"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_min"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grad = p.grad
+            work = torch.empty_like(grad)
+            self._update_statistics(grad, st["exp_max"], st["exp_min"], work)
+            if generator is None:
+                continue
+            correction = 1.0 - self._decay ** st["step"]
+            sign = torch.empty_like(grad)
+            bits = torch.empty(_bits_numel(grad.numel()), device=device, dtype=torch.int64)
+            self._noise_magnitude(st["exp_max"], st["exp_min"], work, sign, bits,
+                                  [(0, grad.numel(), self._clamp * correction)], generator)
+            torch.sign(grad, out=sign)
+            scale = (1.0 - self._noise_decay) ** st["boost_step"] / correction
+            grad.addcmul_(work, sign, value=scale)
+
+    def _update_statistics(
+        self, grad: Tensor, exp_max: Tensor, exp_min: Tensor, work: Tensor
+    ) -> None:
+        """M <- gamma1 M + (1 - gamma1) max(M, g) and m likewise with min, in place."""
+        weight = 1.0 - self._decay
+        torch.maximum(exp_max, grad, out=work)
+        exp_max.lerp_(work, weight)
+        torch.minimum(exp_min, grad, out=work)
+        exp_min.lerp_(work, weight)
+
+    def _noise_magnitude(
+        self,
+        exp_max: Tensor,
+        exp_min: Tensor,
+        work: Tensor,
+        scratch: Tensor,
+        bits: Tensor,
+        segments: list[tuple[int, int, float]],
+        generator: torch.Generator,
+    ) -> None:
+        """Fill ``work`` with ``k (1 - gamma1^t) min(|psi|, gamma2)``, psi ~ Laplace(0, b_t).
+
+        ``scratch`` is shaped like ``work`` and ``bits`` is an int64 buffer of
+        ``_bits_numel(work.numel())`` elements. ``segments`` lists ``(start, end, bound)`` runs
+        of the flattened elements with the clamp bound ``gamma2 (1 - gamma1^t)``; with several
+        runs the tensors must be flat.
+        """
+        # Random bits: every int64 from the generator feeds four elements. Each element keeps 15
+        # bits (the generator's int64 range leaves every fourth int16's top bit at 0), and the
+        # lowest is forced to 1: j is a uniform odd integer in [1, 2**15), so u = j / 2**14 is
+        # uniform on (0, 2) and never 0. With the coin toss, u < 1 (probability exactly 1/2) is
+        # k = 1, and given that -log(u) ~ Exp(1), the law of |Laplace(0, 1)|, up to a 2**-13 grid
+        # of its quantiles; log(u) > 0 is k = 0 and is clamped to zero noise below. Without the
+        # coin toss u = j / 2**15 on (0, 1) makes every element an Exp(1) draw (2**-14 grid).
+        # This costs about a third of torch's uniform_() plus log, the dominant cost on CPU.
+        bits.random_(generator=generator)
+        draws = bits.view(torch.int16)[: work.numel()]
+        draws.bitwise_and_(0x7FFF).bitwise_or_(1)
+        torch.mul(draws.view(work.shape), 2.0**-14 if self._coin_toss else 2.0**-15, out=work)
+        work.log_()
+        # scratch <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
+        # (1 - gamma1^t) |psi| >= 0 where k = 1, and <= 0 (clamped to 0) where k = 0. The bias
+        # correction stays folded into the clamp bound and the final scale: no pass of its own.
+        torch.sub(exp_min, exp_max, out=scratch)
+        work.mul_(scratch)
+        if len(segments) == 1:
+            work.clamp_(0.0, segments[0][2])
+        else:
+            for start, end, bound in segments:
+                work[start:end].clamp_(0.0, bound)
+
+    def _layout_for(
+        self, device: torch.device, dtype: torch.dtype, params: list[Tensor]
+    ) -> _FlatLayout | None:
+        """The flat layout of these parameters, (re)built when the set with gradients is new.
+
+        A set that differs from the layout's is only adopted once it repeats on the next step,
+        so a model whose parameters alternate between having and lacking gradients takes the
+        per-parameter path instead of rebuilding the layout every step. None means: take the
+        per-parameter path this step.
+        """
+        key = (device, dtype)
+        ids = tuple(id(p) for p in params)
+        layout = self._layouts.get(key)
+        previous = self._previous_ids.get(key)
+        self._previous_ids[key] = ids
+        if layout is not None and layout.ids == ids:
+            owned = zip(params, layout.max_views)
+            if all(self.boost_state[p].get("exp_max") is view for p, view in owned):
+                return layout
+        elif layout is not None and ids != previous:
+            return None
+        if layout is not None:
+            # Give the parameters leaving the layout their own copy of the statistics, so the
+            # old flat buffers can be freed.
+            leaving = {id(p) for p in layout.params} - set(ids)
+            for p in layout.params:
+                st = self.boost_state.get(p)
+                if id(p) in leaving and st and "exp_max" in st:
+                    st["exp_max"] = st["exp_max"].clone()
+                    st["exp_min"] = st["exp_min"].clone()
+        layout = _FlatLayout(params, device, dtype)
+        for p, vmax, vmin in zip(params, layout.max_views, layout.min_views):
+            st = self.boost_state.get(p)
+            if st and "exp_max" in st:
+                vmax.copy_(st["exp_max"])
+                vmin.copy_(st["exp_min"])
+            self.boost_state[p]["exp_max"] = vmax
+            self.boost_state[p]["exp_min"] = vmin
+        self._layouts[key] = layout
+        return layout
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        name = str(device)
+        gen = self._generators.get(name)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            saved = self._pending_generator_states.pop(name, None)
+            if saved is None:
+                # A checkpoint written by another rank names its own device ("cuda:0" loaded on
+                # "cuda:1"); under DDP all ranks' generators are identical, so take it over.
+                pending = self._pending_generator_states
+                same_type = [k for k in pending if k.split(":")[0] == device.type]
+                if len(same_type) == 1:
+                    saved = self._pending_generator_states.pop(same_type[0])
+            if saved is not None:
+                gen.set_state(saved)
+            self._generators[name] = gen
+        return gen
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"gradboost"`` entry.
+
+        The ``"gradboost"`` entry holds the hyper-parameters, the phase, the per-parameter step
+        counters and raw statistics (keyed by parameter index like ``"state"``) and the noise
+        generator states, so a resumed run draws the same noise as an uninterrupted one. As with
+        ``torch.optim``, tensors are shared with the live state: save or deep-copy the result
+        before stepping again.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.optimizer.state_dict()
+        index = self._param_indices()
+        state_dict["gradboost"] = {
+            "phase": self._phase,
+            "decay": self._decay,
+            "clamp": self._clamp,
+            "noise_decay": self._noise_decay,
+            "coin_toss": self._coin_toss,
+            "seed": self._seed,
+            "state": {
+                index[id(p)]: dict(st) for p, st in self.boost_state.items() if st.get("step")
+            },
+            "generators": {
+                **self._pending_generator_states,
+                **{name: gen.get_state() for name, gen in self._generators.items()},
+            },
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer).
+
+        Hyper-parameters, phase, statistics and generator states are restored, like
+        ``torch.optim`` restores the learning rates. A plain optimizer state dict (no
+        ``"gradboost"`` entry) loads the wrapped optimizer and restarts the GradBoost statistics
+        and generators from scratch.
+
+        Raises:
+            ValueError: If the saved groups do not match, or a saved hyper-parameter is invalid.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
+        saved = state_dict.pop("gradboost", None)
+        # Validate everything GradBoost owns before touching any state, so a bad checkpoint
+        # leaves the optimizer as it was.
+        if saved is not None:
+            config = {
+                "decay": _check_decay(saved["decay"]),
+                "clamp": _check_clamp(saved["clamp"]),
+                "noise_decay": _check_noise_decay(saved["noise_decay"]),
+                "coin_toss": _check_coin_toss(saved["coin_toss"]),
+                "seed": _check_seed(saved["seed"]),
+                "phase": _check_phase(saved["phase"]),
+            }
+            saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            current = chain.from_iterable(g["params"] for g in self.param_groups)
+            id_map = dict(zip(saved_ids, current))
+            unknown = sorted(int(i) for i in saved["state"] if int(i) not in id_map)
+            if unknown:
+                raise ValueError(
+                    f"GradBoost state refers to parameter indices {unknown}, but the optimizer's "
+                    f"parameters are numbered 0..{len(id_map) - 1}"
+                )
+        self.optimizer.load_state_dict(state_dict)
+        self.boost_state = defaultdict(dict)
+        self._generators = {}
+        self._pending_generator_states = {}
+        self._layouts = {}
+        self._previous_ids = {}
+        if saved is not None:
+            self._decay = config["decay"]
+            self._clamp = config["clamp"]
+            self._noise_decay = config["noise_decay"]
+            self._coin_toss = config["coin_toss"]
+            self._seed = config["seed"]
+            self._phase = config["phase"]
+            for idx, st in saved["state"].items():
+                p = id_map[int(idx)]
+                self.boost_state[p] = {
+                    "step": int(st["step"]),
+                    "boost_step": int(st["boost_step"]),
+                    # copy=True: never alias the caller's tensors, which they may reuse.
+                    "exp_max": st["exp_max"].to(device=p.device, dtype=p.dtype, copy=True),
+                    "exp_min": st["exp_min"].to(device=p.device, dtype=p.dtype, copy=True),
+                }
+            self._pending_generator_states = {
+                name: gen_state.clone() for name, gen_state in saved["generators"].items()
+            }
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _param_indices(self) -> dict[int, int]:
+        # Same numbering as Optimizer.state_dict: running index over the groups, first occurrence.
+        index: dict[int, int] = {}
+        start = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"], start):
+                index.setdefault(id(p), i)
+            start += len(group["params"])
+        return index
+
+
+def _bits_numel(numel: int) -> int:
+    """Number of int64 random words that provide 16 bits for each of ``numel`` elements."""
+    return (numel + 3) // 4
+
+
+class _FlatLayout:
+    """One (device, dtype) bucket of parameters laid out end to end in flat tensors.
+
+    The statistics live in ``exp_max`` / ``exp_min`` (the per-parameter state holds views of
+    them); ``grad``, ``work``, ``sign`` and ``bits`` are scratch: a gathered copy of the gradients,
+    two work buffers and the random words, reused every step because fresh allocations cost
+    more than the arithmetic on CPU. Memory: about 5.5 times the bucket's parameters (two of
+    statistics, three and a half of scratch, the last one and a half only once boosting starts).
+    """
+
+    def __init__(self, params: list[Tensor], device: torch.device, dtype: torch.dtype) -> None:
+        self.params = list(params)
+        self.ids = tuple(id(p) for p in self.params)
+        self.numels = [p.numel() for p in self.params]
+        total = sum(self.numels)
+        self.exp_max = torch.zeros(total, device=device, dtype=dtype)
+        self.exp_min = torch.zeros(total, device=device, dtype=dtype)
+        self.grad = torch.empty(total, device=device, dtype=dtype)
+        self.work = torch.empty(total, device=device, dtype=dtype)
+        self.max_views = self._views(self.exp_max)
+        self.min_views = self._views(self.exp_min)
+        self.grad_views = self._views(self.grad)
+        self.work_views = self._views(self.work)
+        self.sign: Tensor | None = None
+        self.sign_views: list[Tensor] = []
+        self.bits: Tensor | None = None
+
+    def allocate_noise_buffers(self) -> None:
+        """Allocate the buffers only the boost phase needs."""
+        self.sign = torch.empty_like(self.work)
+        self.sign_views = self._views(self.sign)
+        self.bits = torch.empty(_bits_numel(self.work.numel()), device=self.work.device,
+                                dtype=torch.int64)
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [t.view(p.shape) for t, p in zip(flat.split(self.numels), self.params)]
