@@ -1,13 +1,29 @@
-"""torch.hub entrypoints of frostnet.
+"""torch.hub entrypoints of frostnet: one per model family and width.
 
-    model = torch.hub.load("<path to a frostnet checkout>", "frostnet_small_1_0", source="local")
+    import torch
+    repo = "<path to a frostnet checkout>"
+    model = torch.hub.load(repo, "frostnet_small_1_0", source="local", num_classes=10)
+    int8 = torch.hub.load(repo, "frostnet_small_1_0", source="local", weights="DEFAULT", quantized=True)
 
-Every entrypoint takes the keyword arguments of :func:`frostnet.models.frostnet.frostnet`.
+(``torch.hub.list``/``torch.hub.help`` take GitHub repos only; for a checkout, ``ENTRYPOINTS``
+below lists the names and each entrypoint's docstring documents its arguments.)
+
+Every entrypoint is the registered builder of the same name and takes its keyword arguments:
+``weights`` (None, "DEFAULT", a name from ``frostnet.list_weights()`` or a ``.safetensors``
+path), ``quantized``, ``backend`` and the architecture arguments (``num_classes``,
+``in_channels``, ``features_only``, ...). Weights files are found in ``<checkout>/weights`` or
+fetched from the Hugging Face Hub, and verified (sha256) before they are read; no pickle is
+involved.
+
+Adding a family: register its builders (``frostnet.models.register_model``), import them below
+under the family's heading and add their names to ``ENTRYPOINTS``; ``tests/test_hub.py`` loads
+every name of ``ENTRYPOINTS`` through ``torch.hub.load(..., source="local")``.
 """
 
 dependencies = ["torch", "torchvision", "safetensors", "huggingface_hub"]
 
-from frostnet.models.frostnet import (  # noqa: E402,F401
+# --- Classification: FrostNet-Small/Base/Large (frostnet/models/frostnet.py) -----------------
+from frostnet.models.frostnet import (  # noqa: E402
     frostnet_base_0_5,
     frostnet_base_0_35,
     frostnet_base_0_75,
@@ -23,4 +39,15 @@ from frostnet.models.frostnet import (  # noqa: E402,F401
     frostnet_small_0_75,
     frostnet_small_1_0,
     frostnet_small_1_25,
+)
+
+# --- Segmentation (to come): e.g. from frostnet.models.lraspp import lraspp_frostnet_small ----
+# --- Detection (to come): e.g. from frostnet.models.ssdlite import ssdlite_frostnet_small ----
+
+#: Every entrypoint name, grouped by family (kept in sync with the imports above).
+ENTRYPOINTS: tuple[str, ...] = (
+    # classification
+    "frostnet_small_0_35", "frostnet_small_0_5", "frostnet_small_0_75", "frostnet_small_1_0", "frostnet_small_1_25",
+    "frostnet_base_0_35", "frostnet_base_0_5", "frostnet_base_0_75", "frostnet_base_1_0", "frostnet_base_1_25",
+    "frostnet_large_0_35", "frostnet_large_0_5", "frostnet_large_0_75", "frostnet_large_1_0", "frostnet_large_1_25",
 )

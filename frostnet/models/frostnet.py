@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..hub import build_with_weights
 from ..quant import DeQuantStub, FloatFunctional, QuantStub
 from ._layers import ConvBNAct, check_image_input, fuse_conv_bn_act, init_weights, make_divisible
 from ._registry import register_model
@@ -319,20 +321,28 @@ def _model_name(mode: str, width: float) -> str:
     return f"frostnet_{mode}_{str(width).replace('.', '_')}"
 
 
-def _make_builder(mode: str, width: float) -> Callable[..., FrostNet]:
+def _make_builder(mode: str, width: float) -> Callable[..., nn.Module]:
+    name = _model_name(mode, width)
+
     def builder(
         *,
-        num_classes: int = 1000,
+        weights: Optional[str] = None,
+        quantized: bool = False,
+        backend: Optional[str] = None,
+        num_classes: Optional[int] = None,
         in_channels: int = 3,
         dropout: float = 0.2,
         output_stride: int = 32,
         dilated: bool = False,
         features_only: bool = False,
         out_indices: Sequence[int] = (1, 2, 3, 4),
-    ) -> FrostNet:
-        return frostnet(
-            mode,
-            width,
+    ) -> nn.Module:
+        return build_with_weights(
+            name,
+            partial(frostnet, mode, width),
+            weights=weights,
+            quantized=quantized,
+            backend=backend,
             num_classes=num_classes,
             in_channels=in_channels,
             dropout=dropout,
@@ -342,12 +352,27 @@ def _make_builder(mode: str, width: float) -> Callable[..., FrostNet]:
             out_indices=out_indices,
         )
 
-    builder.__name__ = builder.__qualname__ = _model_name(mode, width)
-    builder.__doc__ = (
-        f"FrostNet-{mode.capitalize()} at width {width}.\n\n"
-        f"Keyword arguments are those of :func:`frostnet.models.frostnet.frostnet`.\n\n"
-        f"Example::\n\n    model = frostnet.get_model({builder.__name__!r}, num_classes=10)\n"
-    )
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"""FrostNet-{mode.capitalize()} at width {width}.
+
+    Args:
+        weights: None (random initialization), ``"DEFAULT"`` (the manifest's default weights
+            for this model: FP32, or INT8 for ``backend`` with ``quantized=True``), a name from
+            ``frostnet.list_weights("{name}.*")``, or a path to a ``.safetensors`` file.
+        quantized: return a converted INT8 model (with ``weights=None``: random weights
+            quantized by a quick PTQ on a fixed random batch, for benchmarks and shape checks).
+        backend: INT8 engine, ``x86``, ``fbgemm`` or ``qnnpack`` (default: the backend of the
+            INT8 weights, else ``x86``).
+        num_classes: classifier outputs (default: the number of categories of the weights,
+            else 1000); a value conflicting with the weights raises a ValueError.
+        **others: ``in_channels``, ``dropout``, ``output_stride``, ``dilated``,
+            ``features_only``, ``out_indices``: see :func:`frostnet.models.frostnet.frostnet`.
+
+    Example::
+
+        model = frostnet.get_model({name!r}, num_classes=10)
+        model = torch.hub.load("<frostnet checkout>", {name!r}, source="local", weights="DEFAULT", quantized=True)
+    """
     return builder
 
 

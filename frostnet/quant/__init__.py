@@ -17,12 +17,16 @@ from ._eager import (
     freeze_bn_stats,
     fuse_modules,
     get_qconfig,
+    int8_state_from_tensors,
+    int8_state_to_tensors,
     is_fake_quant_module,
     is_quantized_model,
     prepare_ptq,
     prepare_qat,
     quantize_ptq,
+    quantized_skeleton,
     use_engine,
+    weight_qscheme,
 )
 
 __all__ = [
@@ -38,10 +42,14 @@ __all__ = [
     "freeze_bn_stats",
     "fuse_modules",
     "get_qconfig",
+    "int8_state_from_tensors",
+    "int8_state_to_tensors",
     "is_fake_quant_module",
     "is_quantized_model",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
+    "quantized_skeleton",
     "use_engine",
+    "weight_qscheme",
 ]

@@ -8,6 +8,7 @@ touching the models.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Sequence
@@ -264,3 +265,246 @@ def is_quantized_model(model: nn.Module) -> bool:
 def is_fake_quant_module(module: nn.Module) -> bool:
     """True for the fake-quantize modules that QAT inserts."""
     return isinstance(module, FakeQuantize)
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 state <-> plain tensors (the INT8 safetensors format; see frostnet/serialization.py)
+#
+# safetensors has no quantized dtypes. A converted model's state dict is flattened into plain
+# tensors plus a JSON "layout" that says how to rebuild each entry:
+#   {"kind": "tensor"}                               the tensor itself, stored under its key
+#   {"kind": "qtensor", "dtype": "qint8", "qscheme": "per_channel_affine", "axis": 0}
+#       integer values under ``key`` (int8/uint8/int32), scales (float64) under ``key@scale``
+#       and zero points (int64) under ``key@zero_point`` (0-d per tensor, 1-d per channel)
+#   {"kind": "tuple", "items": [...]}                items stored under ``key@0``, ``key@1``, ...
+#   {"kind": "none"} / {"kind": "dtype", "value": "qint8"}
+# Restoring checks every entry against the state dict of a freshly converted skeleton (same
+# keys, kinds, shapes, dtypes and qschemes), so a file that does not fit raises instead of
+# producing a silently different model.
+# --------------------------------------------------------------------------------------------
+
+_QDTYPES: dict[str, tuple[torch.dtype, torch.dtype, int, int]] = {
+    # name -> (quantized dtype, integer storage dtype, min, max)
+    "qint8": (torch.qint8, torch.int8, -128, 127),
+    "quint8": (torch.quint8, torch.uint8, 0, 255),
+    "qint32": (torch.qint32, torch.int32, -(2**31), 2**31 - 1),
+}
+_QSCHEMES: dict[str, torch.qscheme] = {
+    "per_tensor_affine": torch.per_tensor_affine,
+    "per_channel_affine": torch.per_channel_affine,
+}
+_SEP = "@"
+
+
+def _qdtype_name(dtype: torch.dtype) -> str:
+    for name, (qdtype, _, _, _) in _QDTYPES.items():
+        if qdtype == dtype:
+            return name
+    raise TypeError(f"unsupported quantized dtype {dtype}; supported: {', '.join(_QDTYPES)}")
+
+
+def _qscheme_name(qscheme: torch.qscheme) -> str:
+    for name, q in _QSCHEMES.items():
+        if q == qscheme:
+            return name
+    raise TypeError(f"unsupported qscheme {qscheme}; supported: {', '.join(_QSCHEMES)}")
+
+
+def _flatten_value(key: str, value: object, out: dict[str, torch.Tensor]) -> dict[str, object]:
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        qscheme = _qscheme_name(value.qscheme())
+        desc: dict[str, object] = {"kind": "qtensor", "dtype": _qdtype_name(value.dtype), "qscheme": qscheme}
+        out[key] = value.int_repr().contiguous()
+        if qscheme == "per_channel_affine":
+            desc["axis"] = int(value.q_per_channel_axis())
+            out[key + _SEP + "scale"] = value.q_per_channel_scales().to(torch.float64).contiguous()
+            out[key + _SEP + "zero_point"] = value.q_per_channel_zero_points().to(torch.int64).contiguous()
+        else:
+            out[key + _SEP + "scale"] = torch.tensor(value.q_scale(), dtype=torch.float64)
+            out[key + _SEP + "zero_point"] = torch.tensor(value.q_zero_point(), dtype=torch.int64)
+        return desc
+    if isinstance(value, torch.Tensor):
+        out[key] = value.detach().cpu().contiguous().clone()
+        return {"kind": "tensor"}
+    if isinstance(value, (tuple, list)):
+        return {"kind": "tuple", "items": [_flatten_value(f"{key}{_SEP}{i}", v, out) for i, v in enumerate(value)]}
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, torch.dtype):
+        return {"kind": "dtype", "value": str(value).replace("torch.", "")}
+    raise TypeError(f"state dict entry {key!r} has unsupported type {type(value).__name__}")
+
+
+def int8_state_to_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, object]]]:
+    """Flatten a converted INT8 model's state dict into plain tensors and a JSON-able layout.
+
+    Args:
+        model: a model returned by :func:`convert` / :func:`quantize_ptq`.
+
+    Returns:
+        ``(tensors, layout)``: tensors for safetensors (no quantized dtypes) and, per state dict
+        key, the descriptor that :func:`int8_state_from_tensors` needs to rebuild it.
+
+    Raises:
+        ValueError: ``model`` holds no converted INT8 modules.
+    """
+    if not is_quantized_model(model):
+        raise ValueError(f"{type(model).__name__} is not a converted INT8 model; convert it first (frostnet.quant.convert)")
+    tensors: dict[str, torch.Tensor] = {}
+    layout = {key: _flatten_value(key, value, tensors) for key, value in model.state_dict().items()}
+    return tensors, layout
+
+
+def weight_qscheme(model: nn.Module) -> str:
+    """``per_channel_affine`` or ``per_tensor_affine``: the scheme of the first INT8 weight."""
+    for value in model.state_dict().values():
+        if isinstance(value, tuple):
+            value = value[0] if value else None
+        if isinstance(value, torch.Tensor) and value.is_quantized and value.dtype == torch.qint8:
+            return _qscheme_name(value.qscheme())
+    raise ValueError(f"{type(model).__name__} has no INT8 weights")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        return f"{_qscheme_name(value.qscheme())} {_qdtype_name(value.dtype)} tensor of shape {list(value.shape)}"
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def _take(tensors: dict[str, torch.Tensor], used: set[str], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"missing tensor {key!r}")
+    used.add(key)
+    return tensors[key]
+
+
+def _check_tensor(key: str, t: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"tensor {key!r} has dtype {str(t.dtype).replace('torch.', '')}, expected {str(dtype).replace('torch.', '')}")
+    if list(t.shape) != list(shape):
+        raise ValueError(f"tensor {key!r} has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def _restore_value(
+    key: str, desc: object, ref: object, tensors: dict[str, torch.Tensor], used: set[str]
+) -> object:
+    if not isinstance(desc, dict) or "kind" not in desc:
+        raise ValueError(f"layout entry for {key!r} is not a descriptor: {desc!r}")
+    kind = desc["kind"]
+    if kind == "qtensor":
+        if not (isinstance(ref, torch.Tensor) and ref.is_quantized):
+            raise ValueError(f"{key!r} is stored as a quantized tensor but the model expects a {_describe(ref)}")
+        dtype_name, qscheme = desc.get("dtype"), desc.get("qscheme")
+        if dtype_name not in _QDTYPES:
+            raise ValueError(f"{key!r} has unknown quantized dtype {dtype_name!r}; valid choices: {', '.join(_QDTYPES)}")
+        if qscheme not in _QSCHEMES:
+            raise ValueError(f"{key!r} has unknown qscheme {qscheme!r}; valid choices: {', '.join(_QSCHEMES)}")
+        if dtype_name != _qdtype_name(ref.dtype) or qscheme != _qscheme_name(ref.qscheme()):
+            raise ValueError(f"{key!r} is a {qscheme} {dtype_name} tensor but the model expects a {_describe(ref)} "
+                             "(was the file written for another backend?)")
+        _, int_dtype, qmin, qmax = _QDTYPES[dtype_name]
+        values = _take(tensors, used, key)
+        _check_tensor(key, values, int_dtype, ref.shape)
+        scale = _take(tensors, used, key + _SEP + "scale")
+        zero_point = _take(tensors, used, key + _SEP + "zero_point")
+        if qscheme == "per_channel_affine":
+            axis = desc.get("axis")
+            if axis != ref.q_per_channel_axis():
+                raise ValueError(f"{key!r} is quantized along axis {axis!r}, the model expects axis {ref.q_per_channel_axis()}")
+            qshape: list[int] = [ref.shape[axis]]
+        else:
+            qshape = []
+        _check_tensor(key + _SEP + "scale", scale, torch.float64, qshape)
+        _check_tensor(key + _SEP + "zero_point", zero_point, torch.int64, qshape)
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"{key!r} has scales that are not positive finite numbers")
+        if ((zero_point < qmin) | (zero_point > qmax)).any():
+            raise ValueError(f"{key!r} has zero points outside [{qmin}, {qmax}]")
+        if qscheme == "per_channel_affine":
+            return torch._make_per_channel_quantized_tensor(values, scale, zero_point, int(desc["axis"]))
+        return torch._make_per_tensor_quantized_tensor(values, float(scale), int(zero_point))
+    if kind == "tensor":
+        if not isinstance(ref, torch.Tensor) or ref.is_quantized:
+            raise ValueError(f"{key!r} is stored as a plain tensor but the model expects a {_describe(ref)}")
+        t = _take(tensors, used, key)
+        _check_tensor(key, t, ref.dtype, ref.shape)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"tensor {key!r} holds NaN or infinite values")
+        return t
+    if kind == "tuple":
+        items = desc.get("items")
+        if not isinstance(ref, (tuple, list)) or not isinstance(items, list) or len(items) != len(ref):
+            raise ValueError(f"{key!r} is stored as a tuple of {len(items) if isinstance(items, list) else '?'} items "
+                             f"but the model expects a {_describe(ref)}")
+        return tuple(_restore_value(f"{key}{_SEP}{i}", d, r, tensors, used) for i, (d, r) in enumerate(zip(items, ref)))
+    if kind == "none":
+        if ref is not None:
+            raise ValueError(f"{key!r} is stored as None but the model expects a {_describe(ref)}")
+        return None
+    if kind == "dtype":
+        if not isinstance(ref, torch.dtype) or desc.get("value") != str(ref).replace("torch.", ""):
+            raise ValueError(f"{key!r} is stored as dtype {desc.get('value')!r} but the model expects {ref!r}")
+        return ref
+    raise ValueError(f"layout entry for {key!r} has unknown kind {kind!r}; valid: tensor, qtensor, tuple, none, dtype")
+
+
+def int8_state_from_tensors(
+    skeleton: nn.Module, tensors: dict[str, torch.Tensor], layout: dict[str, object]
+) -> None:
+    """Fill a converted ``skeleton`` with the INT8 state stored as ``tensors`` + ``layout``.
+
+    Strict: every state dict key of the skeleton must be in ``layout`` and vice versa, and every
+    tensor of ``tensors`` must be used; kinds, shapes, dtypes and qschemes must match the
+    skeleton. Weights are repacked for the current quantized engine.
+
+    Raises:
+        ValueError: naming the offending key(s) and what is wrong.
+    """
+    reference = skeleton.state_dict()
+    missing = [k for k in reference if k not in layout]
+    extra = [k for k in layout if k not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if extra:
+            parts.append(f"unexpected keys {_short(extra)}")
+        raise ValueError("; ".join(parts))
+    used: set[str] = set()
+    state = collections.OrderedDict(
+        (key, _restore_value(key, layout[key], ref, tensors, used)) for key, ref in reference.items()
+    )
+    unused = [k for k in tensors if k not in used]
+    if unused:
+        raise ValueError(f"unexpected tensors {_short(unused)}")
+    # module versions (e.g. quantized Linear's packed-params layout) travel in ``_metadata``
+    state._metadata = getattr(reference, "_metadata", None)  # type: ignore[attr-defined]
+    skeleton.load_state_dict(state, strict=True)
+
+
+def _short(keys: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
+
+
+def quantized_skeleton(model: nn.Module, backend: str) -> nn.Module:
+    """Turn a float model (in place) into a converted INT8 model for ``backend`` whose weights and
+    quantization parameters are placeholders, ready for :func:`int8_state_from_tensors`.
+
+    Fuses for inference, prepares with the backend's PTQ qconfig and converts without
+    calibration (the uncalibrated-observer warnings are silenced: every value is overwritten).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"must run observer before calling calculate_qparams")
+        prepare_ptq(model, backend, qconfig=QConfig(
+            activation=MinMaxObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=_ACT_QUANT_MAX[backend]),
+            weight=get_qconfig(backend, qat=False).weight,
+        ))
+        return convert(model, backend, inplace=True)
+
+
+__all__ += ["int8_state_from_tensors", "int8_state_to_tensors", "quantized_skeleton", "weight_qscheme"]

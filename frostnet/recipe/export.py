@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..serialization import save_fp32
+from ..serialization import save_fp32, save_int8
 from .data import DataInfo
 
 
@@ -30,10 +30,8 @@ def export_run(args: argparse.Namespace, float_model: nn.Module, int8_models: di
     files = {"fp32": str(out / f"{base}.fp32.safetensors")}
     save_fp32(float_model, files["fp32"], arch=args.model, num_classes=len(info.categories), metadata=meta)
     for backend, int8 in int8_models.items():
-        from ..quant import save_int8  # provided by the INT8 file format
-
         path = out / f"{base}.int8_{backend}.safetensors"
-        save_int8(int8, path, arch=args.model, num_classes=len(info.categories), backend=backend, metadata=meta)
+        save_int8(int8, path, arch=args.model, backend=backend, builder_kwargs={"num_classes": len(info.categories)}, metadata=meta)
         files[f"int8_{backend}"] = str(path)
     with open(out / "run.json", "w") as f:
         json.dump({"final": {k: v for k, v in final.items() if k != "files"}, "recipe": recipe_command(args),
