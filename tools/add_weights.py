@@ -1,0 +1,68 @@
+"""Publish a finished training run into the checkout: copy its files to weights/ and add manifest entries.
+
+    python tools/add_weights.py <output-dir of tools/train.py>/export --default
+
+Every entry's accuracy is measured here, on the full test split, by the same code as
+``python tools/evaluate.py <name>`` (the entry's ``metrics_command``). FP32 entries of QAT runs also
+carry the fake-quant accuracy of the training run's final test evaluation (its ``recipe`` command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from frostnet import hub
+from frostnet.serialization import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from evaluate import measure  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("export_dir", type=Path, help="the run's export folder (run.json + .safetensors files)")
+    p.add_argument("--default", action="store_true", help="make these the default weights of their arch/backends")
+    p.add_argument("--replace", action="store_true", help="overwrite existing entries of the same names")
+    p.add_argument("--weights-dir", type=Path, default=ROOT / "weights", help="destination of the files")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    run = json.loads((args.export_dir / "run.json").read_text())
+    final, recipe = run["final"], run["recipe"]
+    dataset = run["data"]["name"]
+    args.weights_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(args.export_dir.glob("*.safetensors"), key=lambda p: (".int8_" in p.name, p.name))
+    for src in files:
+        dst = args.weights_dir / src.name
+        shutil.copyfile(src, dst)
+        name = src.name[: -len(".safetensors")]
+        meta = read_metadata(dst)
+        res = measure(str(dst), data=dataset)
+        metrics = {"acc@1": res["acc@1"]}
+        notes = [f"trained by the recipe command (mode {final['mode']}, {final['epochs']} epochs) on this project's 2-core CPU machine"]
+        if meta.get("format") == "frostnet-fp32" and "fake_quant_top1" in final:
+            metrics["fake_quant_acc@1"] = round(final["fake_quant_top1"], 2)
+            notes.append("fake_quant_acc@1: the QAT model's final test-split evaluation inside the training run; "
+                         "acc@1: these latent FP32 weights run as a float model")
+        backend = meta.get("backend")
+        if backend and final["mode"] != "fp" and backend != run["args"]["backend"]:
+            notes.append(f"INT8 for {backend}: the QAT-trained latent weights re-calibrated for {backend}'s activation "
+                         f"ranges (the run trained fake-quantized for {run['args']['backend']})")
+        if backend and final["mode"] == "fp":
+            notes.append("INT8 by post-training quantization of the FP32 weights")
+        entry_name, entry = hub.make_manifest_entry(
+            dst, dataset=dataset, metrics=metrics, metrics_command=f"python tools/evaluate.py {name}",
+            recipe=recipe, default=args.default, notes="; ".join(notes))
+        hub.add_manifest_entry(entry_name, entry, replace=args.replace)
+        print(f"{entry_name}: acc@1 {res['acc@1']:.2f} on {res['n']} test images, {entry['size'] / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
