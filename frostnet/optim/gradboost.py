@@ -107,7 +107,8 @@ class GradBoost(Optimizer):
     correction :math:`1/(1-\gamma_1^t)` is applied to the value used, never written back (a
     constant gradient :math:`c` then gives exactly :math:`\hat M_t = c`, as Adam's correction
     does for its moments). The statistics are updated in both phases; noise is added only in
-    ``"boost"``. With ``coin_toss=False``, :math:`k = 1` everywhere.
+    ``"boost"``. With ``coin_toss=False``, :math:`k = 1` everywhere. Since
+    :math:`\operatorname{sign}(0) = 0`, gradients that are exactly zero stay zero.
 
     Where this deliberately differs from the printed algorithms (and from the reference code):
 
@@ -134,9 +135,9 @@ class GradBoost(Optimizer):
     Cost: per parameter element, two statistics and up to three and a half scratch values in the
     parameter's dtype; per step about fifteen element-wise passes, run on one flat buffer per
     (device, dtype) instead of per tensor. :math:`|\psi|` is drawn as :math:`-b_t \log u` from
-    16 random bits per element (15 used: the coin and :math:`u`), so its quantiles are exact on
-    a grid of :math:`2^{-13}` in probability (:math:`2^{-14}` without the coin toss); this is
-    what keeps the draw cheap on CPU.
+    16 random bits per element (15 used: the coin and :math:`u`, with :math:`\log u` read from a
+    table), so its quantiles are exact on a grid of :math:`2^{-13}` in probability
+    (:math:`2^{-14}` without the coin toss); this is what keeps the draw cheap on CPU.
 
     Randomness comes from one :class:`torch.Generator` per device, seeded with ``seed`` and saved
     in ``state_dict()``, so a run is reproducible and a resumed run continues the same stream.
@@ -204,6 +205,7 @@ class GradBoost(Optimizer):
         # _FlatLayout) and the parameter set each bucket had a gradient for at the last step.
         self._layouts: dict[tuple[torch.device, torch.dtype], _FlatLayout] = {}
         self._previous_ids: dict[tuple[torch.device, torch.dtype], tuple[int, ...]] = {}
+        self._log_tables: dict[tuple[torch.device, torch.dtype, bool], Tensor] = {}
         self._init_optimizer_base()
 
     def _init_optimizer_base(self) -> None:
@@ -275,6 +277,7 @@ class GradBoost(Optimizer):
         self.__dict__.update(state)
         self._layouts = {}
         self._previous_ids = {}
+        self._log_tables = {}
         self._init_optimizer_base()
 
     def __repr__(self) -> str:
@@ -398,6 +401,11 @@ class GradBoost(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GradBoost does not support sparse gradients")
+                if not p.is_floating_point():
+                    # max/min and sign have no meaning for complex numbers.
+                    raise TypeError(
+                        f"GradBoost needs real floating-point parameters, got one of {p.dtype}"
+                    )
                 seen.add(id(p))
                 buckets.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), params in buckets.items():
@@ -440,9 +448,10 @@ class GradBoost(Optimizer):
                     segments.append((start, end, bound))
                 start = end
                 scales.append((1.0 - self._noise_decay) ** st["boost_step"] / correction)
-            self._noise_magnitude(layout.exp_max, layout.exp_min, layout.work, layout.sign,
-                                  layout.bits, segments, generator)
+            # sign(g) first: the gathered gradient's buffer is then free for the noise draw.
             torch.sign(layout.grad, out=layout.sign)
+            self._noise_magnitude(layout.exp_max, layout.exp_min, layout.work, layout.grad,
+                                  layout.bits, segments, generator)
             # g <- g + sign(g) (1 - noise_decay)^s min(|psi|, gamma2), straight into p.grad.
             torch._foreach_addcmul_(grads, layout.work_views, layout.sign_views, scales)
             return
@@ -454,16 +463,15 @@ class GradBoost(Optimizer):
                 st["exp_max"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_min"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grad = p.grad
-            work = torch.empty_like(grad)
+            work = torch.empty(grad.shape, device=device, dtype=dtype)  # contiguous
             self._update_statistics(grad, st["exp_max"], st["exp_min"], work)
             if generator is None:
                 continue
             correction = 1.0 - self._decay ** st["step"]
-            sign = torch.empty_like(grad)
             bits = torch.empty(_bits_numel(grad.numel()), device=device, dtype=torch.int64)
-            self._noise_magnitude(st["exp_max"], st["exp_min"], work, sign, bits,
-                                  [(0, grad.numel(), self._clamp * correction)], generator)
-            torch.sign(grad, out=sign)
+            self._noise_magnitude(st["exp_max"], st["exp_min"], work, torch.empty_like(work),
+                                  bits, [(0, grad.numel(), self._clamp * correction)], generator)
+            sign = torch.sign(grad)
             scale = (1.0 - self._noise_decay) ** st["boost_step"] / correction
             grad.addcmul_(work, sign, value=scale)
 
@@ -482,17 +490,17 @@ class GradBoost(Optimizer):
         exp_max: Tensor,
         exp_min: Tensor,
         work: Tensor,
-        scratch: Tensor,
+        spare: Tensor,
         bits: Tensor,
         segments: list[tuple[int, int, float]],
         generator: torch.Generator,
     ) -> None:
         """Fill ``work`` with ``k (1 - gamma1^t) min(|psi|, gamma2)``, psi ~ Laplace(0, b_t).
 
-        ``scratch`` is shaped like ``work`` and ``bits`` is an int64 buffer of
-        ``_bits_numel(work.numel())`` elements. ``segments`` lists ``(start, end, bound)`` runs
-        of the flattened elements with the clamp bound ``gamma2 (1 - gamma1^t)``; with several
-        runs the tensors must be flat.
+        ``work`` and ``spare`` are contiguous scratch shaped like the statistics (``spare`` is
+        overwritten), ``bits`` an int64 buffer of ``_bits_numel(work.numel())`` elements.
+        ``segments`` lists ``(start, end, bound)`` runs of the flattened elements with the clamp
+        bound ``gamma2 (1 - gamma1^t)``; with several runs the tensors must be flat.
         """
         # Random bits: every int64 from the generator feeds four elements. Each element keeps 15
         # bits (the generator's int64 range leaves every fourth int16's top bit at 0), and the
@@ -501,22 +509,40 @@ class GradBoost(Optimizer):
         # k = 1, and given that -log(u) ~ Exp(1), the law of |Laplace(0, 1)|, up to a 2**-13 grid
         # of its quantiles; log(u) > 0 is k = 0 and is clamped to zero noise below. Without the
         # coin toss u = j / 2**15 on (0, 1) makes every element an Exp(1) draw (2**-14 grid).
-        # This costs about a third of torch's uniform_() plus log, the dominant cost on CPU.
+        # log(u) is looked up in a 2**15-entry table. Together this costs about a third of
+        # torch's uniform_() followed by log_(), which dominated the step on CPU.
+        numel = work.numel()
         bits.random_(generator=generator)
-        draws = bits.view(torch.int16)[: work.numel()]
+        draws = bits.view(torch.int16)[:numel]
         draws.bitwise_and_(0x7FFF).bitwise_or_(1)
-        torch.mul(draws.view(work.shape), 2.0**-14 if self._coin_toss else 2.0**-15, out=work)
-        work.log_()
-        # scratch <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
+        flat_spare = spare.view(-1)
+        if spare.element_size() >= 4:
+            index = flat_spare.view(torch.int32)[:numel]
+        else:
+            index = torch.empty(numel, device=work.device, dtype=torch.int32)
+        index.copy_(draws)
+        torch.index_select(self._log_table(work.device, work.dtype), 0, index, out=work.view(-1))
+        # spare <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
         # (1 - gamma1^t) |psi| >= 0 where k = 1, and <= 0 (clamped to 0) where k = 0. The bias
         # correction stays folded into the clamp bound and the final scale: no pass of its own.
-        torch.sub(exp_min, exp_max, out=scratch)
-        work.mul_(scratch)
+        torch.sub(exp_min, exp_max, out=spare)
+        work.mul_(spare)
         if len(segments) == 1:
             work.clamp_(0.0, segments[0][2])
         else:
             for start, end, bound in segments:
                 work[start:end].clamp_(0.0, bound)
+
+    def _log_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """log(j * 2**-14) (coin toss) or log(j * 2**-15) for odd j < 2**15, indexed by j."""
+        key = (device, dtype, self._coin_toss)
+        table = self._log_tables.get(key)
+        if table is None:
+            # Even entries are never indexed; they hold their odd neighbour's value, not -inf.
+            j = torch.arange(2**15, device=device, dtype=torch.int32).bitwise_or_(1)
+            table = torch.log(j.to(dtype) * (2.0**-14 if self._coin_toss else 2.0**-15))
+            self._log_tables[key] = table
+        return table
 
     def _layout_for(
         self, device: torch.device, dtype: torch.dtype, params: list[Tensor]
