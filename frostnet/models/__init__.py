@@ -1,6 +1,8 @@
 """Model families and the registry."""
 
 from . import frostnet as _frostnet_family  # noqa: F401  (registers the FrostNets)
+from . import espnet as _espnet_family, lraspp as _lraspp_family  # noqa: F401  (registers the segmentation baselines)
+from . import ssdlite as _ssdlite_family, tiny_dsod as _tiny_dsod_family  # noqa: F401  (registers the detectors)
 from ._layers import ConvBNAct, make_divisible
 from ._registry import get_model, get_model_builder, get_model_task, list_models, register_model
 from .frostnet import FrostNet, frostnet
