@@ -41,8 +41,24 @@ from frostnet.models.frostnet import (  # noqa: E402
     frostnet_small_1_25,
 )
 
-# --- Segmentation (to come): e.g. from frostnet.models.lraspp import lraspp_frostnet_small ----
-# --- Detection (to come): e.g. from frostnet.models.ssdlite import ssdlite_frostnet_small ----
+# --- Segmentation (frostnet/models/lraspp.py, espnet.py): return {"out": logits} --------------
+from frostnet.models.espnet import espnet, espnet_v2  # noqa: E402
+from frostnet.models.lraspp import (  # noqa: E402
+    lraspp_frostnet_base_1_0,
+    lraspp_frostnet_large_1_0,
+    lraspp_frostnet_small_1_0,
+    lraspp_mobilenet_v3_large_re,
+    lraspp_mobilenet_v3_small_re,
+)
+
+# --- Detection (frostnet/models/ssdlite.py, tiny_dsod.py): torchvision-style boxes/scores/labels --
+from frostnet.models.ssdlite import (  # noqa: E402
+    ssdlite_frostnet_base_1_0,
+    ssdlite_frostnet_large_1_0,
+    ssdlite_frostnet_small_1_0,
+    ssdlite_mobilenet_v2,
+)
+from frostnet.models.tiny_dsod import tiny_dsod  # noqa: E402
 
 #: Every entrypoint name, grouped by family (kept in sync with the imports above).
 ENTRYPOINTS: tuple[str, ...] = (
@@ -50,4 +66,10 @@ ENTRYPOINTS: tuple[str, ...] = (
     "frostnet_small_0_35", "frostnet_small_0_5", "frostnet_small_0_75", "frostnet_small_1_0", "frostnet_small_1_25",
     "frostnet_base_0_35", "frostnet_base_0_5", "frostnet_base_0_75", "frostnet_base_1_0", "frostnet_base_1_25",
     "frostnet_large_0_35", "frostnet_large_0_5", "frostnet_large_0_75", "frostnet_large_1_0", "frostnet_large_1_25",
+    # segmentation
+    "lraspp_mobilenet_v3_large_re", "lraspp_mobilenet_v3_small_re", "espnet", "espnet_v2",
+    "lraspp_frostnet_small_1_0", "lraspp_frostnet_base_1_0", "lraspp_frostnet_large_1_0",
+    # detection
+    "ssdlite_mobilenet_v2", "ssdlite_frostnet_small_1_0", "ssdlite_frostnet_base_1_0", "ssdlite_frostnet_large_1_0",
+    "tiny_dsod",
 )

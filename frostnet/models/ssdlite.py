@@ -304,7 +304,9 @@ def _make_builder(mode: str, width: float) -> Callable[..., SSDDetector]:
     builder.__name__ = builder.__qualname__ = _model_name(mode, width)
     builder.__doc__ = (
         f"SSDLite on FrostNet-{mode.capitalize()} {width}, 300x300, VOC (21 classes) by default.\n\n"
-        f"Keyword arguments are those of :func:`frostnet.models.ssdlite.ssdlite_frostnet`.\n"
+        f"Keyword arguments are those of :func:`frostnet.models.ssdlite.ssdlite_frostnet`.\n\n"
+        f"Example::\n\n    detector = frostnet.get_model({builder.__name__!r}, num_classes=21).eval()\n"
+        f"    detections = detector(torch.rand(1, 3, 300, 300))  # [{{'boxes', 'scores', 'labels'}}]\n"
     )
     return builder
 
