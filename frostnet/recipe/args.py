@@ -68,6 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine schedule: final LR as a fraction of --lr")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--init", default=None, help="FP32 weights file (safetensors) to start from (required by qat-finetune)")
+    g.add_argument("--reset-head", action="store_true",
+                   help="with --init: start the classifier anew (fine-tuning INT8-ready weights on a dataset with other classes)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order, augmentation, dropout and GradBoost noise")
 
     g = p.add_argument_group("quantization")

@@ -161,6 +161,32 @@ def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:
     return True
 
 
+HEAD_PREFIXES = ("classifier.",)
+
+
+def load_init(model: nn.Module, path: str, *, reset_head: bool = False, verbose: bool = True) -> None:
+    """Load FP32 weights (e.g. QAT-trained, INT8-ready) into ``model``, strictly.
+
+    With ``reset_head`` the classifier keys are not loaded (the model keeps its freshly
+    initialised head for another number of classes); everything else must match exactly.
+    """
+    tensors, _ = load_fp32(path)
+    if reset_head:
+        dropped = sorted(k for k in tensors if k.startswith(HEAD_PREFIXES))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIXES)}
+        head = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+        model.load_state_dict({**tensors, **head}, strict=True)
+        if verbose:
+            print(f"loaded {path} without its classifier ({', '.join(dropped)}): the head starts anew", flush=True)
+        return
+    own = model.state_dict()
+    bad = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: shapes differ for {', '.join(bad[:5])}"
+                         + ("; to fine-tune on other classes pass --reset-head" if all(k.startswith(HEAD_PREFIXES) for k in bad) else ""))
+    model.load_state_dict(tensors, strict=True)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic write: a crash leaves the previous checkpoint intact."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -194,8 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                        eval_subset=args.eval_subset, workers=args.workers)
     model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout).to(device)
     if args.init:
-        tensors, meta = load_fp32(args.init)
-        model.load_state_dict(tensors, strict=True)
+        load_init(model, args.init, reset_head=args.reset_head, verbose=rank == 0)
     opt = build_optimizer(model, args)
     sa = StatAssist(model, opt, backend=args.backend, fp_epochs=fp_epochs, weight_quant_range=wrange, act_quant_range=arange)
     steps_per_epoch = len(train_b)
@@ -317,11 +342,13 @@ def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: 
     """Final test-split evaluation (FP32 latent weights, fake-quant, INT8 per backend) and export."""
     from .export import export_run
 
+    # the final figures come from the test split (ImageNet-style folders: their val split)
+    split = "test" if info.name == "fashion_mnist" else "val"
     _, test_b, _ = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
-                              rank=0, world=1, eval_split="test", eval_subset=args.eval_subset)
+                              rank=0, world=1, eval_split=split, eval_subset=args.eval_subset, workers=args.workers)
     float_model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout)
     float_model.load_state_dict(sa.float_state_dict(), strict=True)
-    final: dict[str, Any] = {"model": args.model, "mode": args.mode, "epochs": args.epochs, "split": "test",
+    final: dict[str, Any] = {"model": args.model, "mode": args.mode, "epochs": args.epochs, "split": split,
                              "fp32_top1": evaluate(float_model, test_b)["top1"]}
     if sa.phase == "qat":
         final["fake_quant_top1"] = evaluate(model, test_b)["top1"]
