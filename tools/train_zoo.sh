@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Train the published Fashion-MNIST FrostNets (StatAssist + GradBoost QAT from scratch), one after
+# another, resumably: rerun the script after an interruption and each run continues from its last
+# checkpoint (runs that finished are skipped by the recipe: their epoch counter is complete).
+#
+#   RUNS=/root/frostnet-runs nohup nice -n 10 bash tools/train_zoo.sh >> /root/frostnet-runs/zoo.log 2>&1 &
+#
+# Then publish each run into weights/ + weights_manifest.json:
+#   python tools/add_weights.py $RUNS/frostnet_large_1_0/export --default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+MODELS=${MODELS:-"frostnet_large_1_0 frostnet_base_1_0 frostnet_small_1_0"}
+for model in $MODELS; do
+  python tools/train.py --model "$model" --data fashion_mnist --mode statassist+gradboost \
+    --epochs 8 --fp-epochs 1 --batch-size 128 --opt sgd --lr 0.1 --wd 4e-5 --val-size 5000 \
+    --output-dir "$RUNS/$model" --resume auto --ckpt-interval-steps 50 --no-progress --threads 2
+done
