@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the published Fashion-MNIST FrostNets (StatAssist + GradBoost QAT from scratch), one after
 # another, resumably: rerun the script after an interruption and each run continues from its last
-# checkpoint (runs that finished are skipped by the recipe: their epoch counter is complete).
+# checkpoint (a finished run only repeats its final test evaluation and export).
 #
 #   RUNS=/root/frostnet-runs nohup nice -n 10 bash tools/train_zoo.sh >> /root/frostnet-runs/zoo.log 2>&1 &
 #
