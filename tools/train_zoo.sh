@@ -5,6 +5,8 @@
 #
 #   RUNS=/root/frostnet-runs nohup nice -n 10 bash tools/train_zoo.sh >> /root/frostnet-runs/zoo.log 2>&1 &
 #
+# A first attempt at --lr 0.1 without clipping diverged (NaN) in its third QAT epoch.
+#
 # Then publish each run into weights/ + weights_manifest.json:
 #   python tools/add_weights.py $RUNS/frostnet_large_1_0/export --default
 set -euo pipefail
@@ -13,6 +15,6 @@ RUNS=${RUNS:-runs}
 MODELS=${MODELS:-"frostnet_large_1_0 frostnet_base_1_0 frostnet_small_1_0"}
 for model in $MODELS; do
   python tools/train.py --model "$model" --data fashion_mnist --mode statassist+gradboost \
-    --epochs 8 --fp-epochs 1 --batch-size 128 --opt sgd --lr 0.1 --wd 4e-5 --val-size 5000 \
+    --epochs 8 --fp-epochs 1 --batch-size 128 --opt sgd --lr 0.04 --clip-grad 5 --wd 4e-5 --val-size 5000 \
     --output-dir "$RUNS/$model" --resume auto --ckpt-interval-steps 50 --no-progress --threads 2
 done

@@ -284,8 +284,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             outp = ddp_model(x)
             loss = F.cross_entropy(outp, y, label_smoothing=args.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, batch {b} (phase {sa.phase}); "
+                                         "training diverged: lower --lr or set --clip-grad, and restart from an earlier checkpoint")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
             sched.step()
             global_step += 1
