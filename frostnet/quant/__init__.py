@@ -28,6 +28,7 @@ from ._eager import (
     use_engine,
     weight_qscheme,
 )
+from .inference import optimize_for_inference
 
 __all__ = [
     "BACKENDS",
@@ -46,6 +47,7 @@ __all__ = [
     "int8_state_to_tensors",
     "is_fake_quant_module",
     "is_quantized_model",
+    "optimize_for_inference",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
