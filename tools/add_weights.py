@@ -2,8 +2,10 @@
 
     python tools/add_weights.py <output-dir of tools/train.py>/export --default
 
-Every entry's accuracy is measured here, on the full test split, by the same code as
-``python tools/evaluate.py <name>`` (the entry's ``metrics_command``). FP32 entries of QAT runs also
+Every entry's accuracy is measured here, on the full test split and on its first 2,000 images
+(``acc@1_first2000``, which the test suite re-measures), by the same code as
+``python tools/evaluate.py <name>`` (the entry's ``metrics_command``; ``--subset 2000`` for the
+second figure). FP32 entries of QAT runs also
 carry the fake-quant accuracy of the training run's final test evaluation (its ``recipe`` command).
 """
 
@@ -19,6 +21,7 @@ from frostnet import hub
 from frostnet.serialization import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
+SUBSET = 2000  # the fixed part of the test split that tests/test_published.py re-evaluates
 sys.path.insert(0, str(ROOT / "tools"))
 from evaluate import measure  # noqa: E402
 
@@ -44,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
         name = src.name[: -len(".safetensors")]
         meta = read_metadata(dst)
         res = measure(str(dst), data=dataset)
-        metrics = {"acc@1": res["acc@1"]}
+        part = measure(str(dst), data=dataset, subset=SUBSET)
+        metrics = {"acc@1": res["acc@1"], f"acc@1_first{SUBSET}": part["acc@1"]}
         notes = [f"trained by the recipe command (mode {final['mode']}, {final['epochs']} epochs) on this project's 2-core CPU machine"]
         if meta.get("format") == "frostnet-fp32" and "fake_quant_top1" in final:
             metrics["fake_quant_acc@1"] = round(final["fake_quant_top1"], 2)
@@ -57,10 +61,11 @@ def main(args: argparse.Namespace) -> int:
         if backend and final["mode"] == "fp":
             notes.append("INT8 by post-training quantization of the FP32 weights")
         entry_name, entry = hub.make_manifest_entry(
-            dst, dataset=dataset, metrics=metrics, metrics_command=f"python tools/evaluate.py {name}",
+            dst, dataset=dataset, metrics=metrics, metrics_command=f"python tools/evaluate.py {name} (acc@1_first{SUBSET}: --subset {SUBSET})",
             recipe=recipe, default=args.default, notes="; ".join(notes))
         hub.add_manifest_entry(entry_name, entry, replace=args.replace)
-        print(f"{entry_name}: acc@1 {res['acc@1']:.2f} on {res['n']} test images, {entry['size'] / 1e6:.2f} MB")
+        print(f"{entry_name}: acc@1 {res['acc@1']:.2f} on {res['n']} test images ({part['acc@1']:.2f} on the first "
+              f"{part['n']}), {entry['size'] / 1e6:.2f} MB")
     return 0
 
 

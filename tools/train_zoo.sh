@@ -5,6 +5,10 @@
 #
 #   RUNS=/root/frostnet-runs nohup nice -n 10 bash tools/train_zoo.sh >> /root/frostnet-runs/zoo.log 2>&1 &
 #
+# On this 2-core machine two runs go side by side at one thread each (MODELS=... for each):
+# a 2-thread run slows down several times whenever anything else takes a core, a 1-thread run
+# only in proportion.
+#
 # A first attempt at --lr 0.1 without clipping diverged (NaN) in its third QAT epoch.
 #
 # Then publish each run into weights/ + weights_manifest.json:
@@ -13,8 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 MODELS=${MODELS:-"frostnet_large_1_0 frostnet_base_1_0 frostnet_small_1_0"}
+THREADS=${THREADS:-1}
 for model in $MODELS; do
   python tools/train.py --model "$model" --data fashion_mnist --mode statassist+gradboost \
     --epochs 8 --fp-epochs 1 --batch-size 128 --opt sgd --lr 0.04 --clip-grad 5 --wd 4e-5 --val-size 5000 \
-    --output-dir "$RUNS/$model" --resume auto --ckpt-interval-steps 50 --no-progress --threads 2
+    --output-dir "$RUNS/$model" --resume auto --ckpt-interval-steps 50 --no-progress --threads "$THREADS"
 done
