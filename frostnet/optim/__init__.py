@@ -1,5 +1,7 @@
-"""Optimizer add-ons for INT8 training: GradBoost, one wrapper for any ``torch.optim`` optimizer."""
+"""Optimizer add-ons for INT8 training: GradBoost and transition-rate scheduling, each one wrapper
+for any ``torch.optim`` optimizer."""
 
 from frostnet.optim.gradboost import PHASES, GradBoost
+from frostnet.optim.transition import TR_SCHEDULES, SGDT, AdamT, AdamWT, TransitionRateScheduler
 
-__all__ = ["GradBoost", "PHASES"]
+__all__ = ["PHASES", "SGDT", "TR_SCHEDULES", "AdamT", "AdamWT", "GradBoost", "TransitionRateScheduler"]

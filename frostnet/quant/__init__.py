@@ -1,7 +1,9 @@
-"""Quantization helpers: fusion, QAT/PTQ preparation, INT8 conversion.
+"""Quantization helpers: fusion, QAT/PTQ preparation, INT8 conversion, QAT methods.
 
-The eager ``torch.ao.quantization`` backend lives in :mod:`frostnet.quant._eager`; everything
-else in frostnet goes through the names exported here.
+The eager ``torch.ao.quantization`` backend lives in :mod:`frostnet.quant._eager`; the QAT methods
+beside plain fake quantization (EWGS, OCTAV/MAD and the integer weight levels that transition-rate
+scheduling counts, :mod:`frostnet.quant._methods`) build on it. Everything else in frostnet goes
+through the names exported here.
 """
 
 from ._eager import (
@@ -28,30 +30,68 @@ from ._eager import (
     use_engine,
     weight_qscheme,
 )
+from ._methods import (
+    EWGSFakeQuantize,
+    OCTAV_GRADIENTS,
+    OctavFakeQuantize,
+    OctavObserver,
+    QAT_METHODS,
+    WeightQuantGrid,
+    clipped_quantization_mse,
+    copy_ewgs_bounds,
+    ewgs_parameters,
+    freeze_weight_quantizer,
+    get_ewgs_qconfig,
+    get_method_qconfig,
+    get_octav_qconfig,
+    octav_clip,
+    update_ewgs_deltas,
+    weight_levels,
+    weight_quant_grid,
+    weight_quantized_modules,
+)
 from .inference import optimize_for_inference
 
 __all__ = [
     "BACKENDS",
     "DeQuantStub",
+    "EWGSFakeQuantize",
     "FloatFunctional",
+    "OCTAV_GRADIENTS",
+    "OctavFakeQuantize",
+    "OctavObserver",
+    "QAT_METHODS",
     "QuantStub",
+    "WeightQuantGrid",
     "calibrate",
     "check_backend",
+    "clipped_quantization_mse",
     "convert",
+    "copy_ewgs_bounds",
     "disable_observer",
     "enable_observer",
+    "ewgs_parameters",
     "freeze_bn_stats",
+    "freeze_weight_quantizer",
     "fuse_modules",
+    "get_ewgs_qconfig",
+    "get_method_qconfig",
+    "get_octav_qconfig",
     "get_qconfig",
     "int8_state_from_tensors",
     "int8_state_to_tensors",
     "is_fake_quant_module",
     "is_quantized_model",
+    "octav_clip",
     "optimize_for_inference",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
     "quantized_skeleton",
+    "update_ewgs_deltas",
     "use_engine",
+    "weight_levels",
     "weight_qscheme",
+    "weight_quant_grid",
+    "weight_quantized_modules",
 ]

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 MODES = ("fp", "qat", "qat-finetune", "statassist", "statassist+gradboost")
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 SCHEDULES = ("cosine", "step", "poly", "constant")
+#: Fake quantizers of the QAT phase (``--qat-method``); ``ste`` is torch's default, the recipe's original.
+QAT_METHODS = ("ste", "ewgs", "octav")
+OCTAV_GRADIENTS = ("mph", "mad", "pwl", "ste")
+TR_SCHEDULES = ("cosine", "step", "constant")
+
+#: Defaults of the QAT-method flags. A run that leaves them all at these values trains exactly as
+#: before they existed, and :func:`recorded_args` leaves them out of its checkpoint and run.json.
+METHOD_DEFAULTS: dict[str, Any] = {
+    "qat_method": "ste",
+    "ewgs_interval": 0,
+    "ewgs_lr": 1e-4,
+    "ewgs_samples": 1,
+    "octav_gradient": "mph",
+    "octav_dynamic": True,
+    "octav_calib_batches": 5,
+    "talr": False,
+    "tr_target": 0.02,
+    "tr_schedule": "cosine",
+    "tr_momentum": 0.99,
+    "tr_eta": None,
+}
 
 _EPILOG = """\
 modes:
@@ -18,6 +40,20 @@ modes:
   statassist+gradboost  the same, with GradBoost: statistics collected in the FP phase, noise added
                         to a random half of the gradients in the QAT phase, decaying
 
+QAT methods (any QAT mode: qat, qat-finetune, statassist, statassist+gradboost; not --mode fp):
+  --qat-method ste      torch's min/max fake quantization, straight-through gradient in range (default)
+  --qat-method ewgs     learnable interval per quantizer (per tensor, also on x86) with element-wise
+                        gradient scaling; delta from a Hessian-trace estimate every --ewgs-interval steps
+  --qat-method octav    MSE-optimal clipping (OCTAV) recomputed every step (--no-octav-dynamic: static),
+                        magnitude-aware gradient for clipped weights, PWL for activations (--octav-gradient)
+  --talr                transition-rate scheduling (SGD->SGDT, Adam->AdamT, AdamW->AdamWT, RMSprop too):
+                        quantized weights step with a transition-adaptive LR steered toward --tr-target;
+                        combines with every --qat-method, but freezes the weight quantizers while active
+                        (EWGS weight intervals stop training, OCTAV weight clipping turns static at the
+                        first QAT step), as the paper does. With statassist* it starts at the QAT switch.
+  With statassist+gradboost the GradBoost noise goes on top (it edits gradients, TALR the step size).
+  --weight-bits/--act-bits simulate W4A4 etc. for every method; the result still converts to INT8.
+
 Paper defaults (FrostNet ImageNet): --opt rmsprop --lr 0.048 (batch 512) --sched step --decay-epochs 2.4
 --decay-rate 0.97 --wd 1e-5 --dropout 0.2; GradBoost --gb-decay 0.9 --gb-clamp 1e-3 --gb-noise-decay 1e-2.
 Detection (SSD): --opt sgd --nesterov --lr 1e-2; segmentation: --opt sgd --lr 7e-3 --sched poly.
@@ -27,6 +63,8 @@ examples:
       --epochs 2 --train-subset 2000 --output-dir runs/smoke
   torchrun --nproc-per-node 2 tools/train.py --model frostnet_small_1_0 --data fashion_mnist ...
   python tools/train.py ... --resume runs/smoke/checkpoint.pt
+  python tools/train.py --model frostnet_small_0_5 --mode qat --qat-method octav --weight-bits 4 --act-bits 4 ...
+  python tools/train.py --model frostnet_small_0_5 --mode statassist+gradboost --qat-method ewgs --talr ...
 """
 
 
@@ -90,6 +128,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--gb-noise-decay", type=float, default=1e-2, help="noise scaled by (1 - this) ** boost_step")
     g.add_argument("--gb-coin-toss", action=argparse.BooleanOptionalAction, default=True, help="boost a Bernoulli(1/2) half of the elements")
 
+    d = METHOD_DEFAULTS
+    g = p.add_argument_group("QAT methods (see below)")
+    g.add_argument("--qat-method", default=d["qat_method"], choices=QAT_METHODS,
+                   help="fake quantizer of the QAT phase: ste (torch default), ewgs (EWGS paper) or octav (OCTAV paper)")
+    g.add_argument("--ewgs-interval", type=int, default=d["ewgs_interval"],
+                   help="EWGS: re-estimate delta every N QAT steps (0 = every epoch); delta = 0 (plain STE) before the first")
+    g.add_argument("--ewgs-lr", type=float, default=d["ewgs_lr"],
+                   help="EWGS: peak LR of the interval bounds (own parameter group, no weight decay, same LR schedule)")
+    g.add_argument("--ewgs-samples", type=int, default=d["ewgs_samples"], help="EWGS: Rademacher vectors per Hessian-trace estimate")
+    g.add_argument("--octav-gradient", default=d["octav_gradient"], choices=OCTAV_GRADIENTS,
+                   help="OCTAV: gradient of clipped values (mph = MAD for weights, PWL for activations)")
+    g.add_argument("--octav-dynamic", action=argparse.BooleanOptionalAction, default=d["octav_dynamic"],
+                   help="OCTAV: recompute the clipping every step (--no-octav-dynamic = static-OCTAV)")
+    g.add_argument("--octav-calib-batches", type=int, default=d["octav_calib_batches"],
+                   help="static OCTAV: QAT batches averaged before the clipping freezes")
+    g.add_argument("--talr", action="store_true", default=d["talr"],
+                   help="transition-rate scheduling: quantized weights step with a transition-adaptive LR (SGDT/AdamT/AdamWT)")
+    g.add_argument("--tr-target", type=float, default=d["tr_target"],
+                   help="TALR: initial target transition rate R_0 (fraction of integer weights changing level per step)")
+    g.add_argument("--tr-schedule", default=d["tr_schedule"], choices=TR_SCHEDULES,
+                   help="TALR: decay of the target over the QAT steps (step: times --decay-rate every --decay-epochs)")
+    g.add_argument("--tr-momentum", type=float, default=d["tr_momentum"], help="TALR: momentum m of the running transition rate")
+    g.add_argument("--tr-eta", type=float, default=d["tr_eta"],
+                   help="TALR: adaptation rate eta of the TALR (default: the LR at the start of QAT)")
+
     g = p.add_argument_group("output, checkpoints and logging")
     g.add_argument("--output-dir", default="runs/default", help="checkpoint.pt, metrics.jsonl and exported weights go here")
     g.add_argument("--resume", default=None, help="checkpoint to resume from ('auto' = <output-dir>/checkpoint.pt if it exists)")
@@ -102,3 +165,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--exit-at-step", type=int, default=0,
                    help="testing aid: hard-exit (os._exit) right after this global step, as a killed job would")
     return p
+
+
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``vars(args)`` without the QAT-method flags that are at their defaults.
+
+    Checkpoints and run.json of runs that do not use the QAT methods stay exactly as they were
+    before those flags existed; readers take a missing flag as its default.
+    """
+    return {k: v for k, v in vars(args).items() if not (k in METHOD_DEFAULTS and v == METHOD_DEFAULTS[k])}
+
+
+def method_args(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+    """The QAT-method flags of ``args`` (a namespace, or the ``args`` dict of a checkpoint)."""
+    values = args if isinstance(args, dict) else vars(args)
+    return {k: values.get(k, default) for k, default in METHOD_DEFAULTS.items()}

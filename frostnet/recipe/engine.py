@@ -9,8 +9,9 @@ Distributed (gloo on CPU, nccl on GPU, detected from the torchrun environment)::
     torchrun --nproc-per-node 2 tools/train.py ...
 
 Checkpoints (``<output-dir>/checkpoint.pt``, written atomically) hold the model, optimizer (with
-GradBoost state), scheduler, StatAssist phase, epoch/step, RNG state and args; ``--resume``
-continues bitwise where the checkpoint left off.
+GradBoost and transition-rate state), scheduler, StatAssist phase, epoch/step, RNG state and args;
+``--resume`` continues bitwise where the checkpoint left off. The QAT methods (``--qat-method``,
+``--talr``) leave runs that do not use them exactly as before, checkpoints included.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import quant
 from ..models import get_model
-from ..optim import GradBoost
+from ..optim import GradBoost, TransitionRateScheduler
 from ..serialization import load_fp32
+from .args import METHOD_DEFAULTS, method_args, recorded_args
 from .data import DataInfo, TensorBatches, build_data
-from .statassist import StatAssist
+from .statassist import StatAssist, find_wrapped
 
-__all__ = ["main", "build_optimizer", "build_scheduler", "evaluate", "train"]
+__all__ = ["main", "build_optimizer", "build_scheduler", "check_method_args", "evaluate", "method_qconfig", "train"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,16 +63,31 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer of ``--opt`` (GradBoost-wrapped for ``statassist+gradboost``).
+#: Index of the parameter group that receives the EWGS interval bounds at the QAT switch.
+EWGS_GROUP = 2
 
-    Weight decay applies to conv/linear weights only, never to BN parameters or biases.
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: Optional[int] = None) -> torch.optim.Optimizer:
+    """The optimizer of ``--opt``, wrapped for transition-rate scheduling (``--talr``) and then in
+    GradBoost (``statassist+gradboost``).
+
+    Weight decay applies to conv/linear weights only, never to BN parameters or biases. With
+    ``--qat-method ewgs`` a third, empty group (``--ewgs-lr``, no weight decay) is added; the
+    interval bounds join it when the model is prepared for QAT (:class:`StatAssist`).
+
+    Args:
+        model: the float model.
+        args: the recipe flags.
+        steps_per_epoch: needed by ``--talr`` (length of its target schedule).
     """
+    methods = method_args(args)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if methods["qat_method"] == "ewgs":
+        groups.append({"params": [], "weight_decay": 0.0, "lr": methods["ewgs_lr"]})
     if args.opt == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     elif args.opt == "adamw":
@@ -81,6 +98,14 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
         opt = torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, eps=args.rmsprop_eps, momentum=args.momentum)
     else:
         raise ValueError(f"unknown --opt {args.opt!r}; valid choices: sgd, adamw, adam, rmsprop")
+    if methods["talr"]:
+        if steps_per_epoch is None:
+            raise ValueError("--talr needs steps_per_epoch (the length of the target transition-rate schedule)")
+        qat_steps = max(1, (args.epochs - _fp_epochs(args)) * steps_per_epoch)
+        opt = TransitionRateScheduler(
+            opt, target=methods["tr_target"], schedule=methods["tr_schedule"], total_steps=qat_steps,
+            step_size=max(1, round(args.decay_epochs * steps_per_epoch)), gamma=args.decay_rate,
+            rate_momentum=methods["tr_momentum"], eta=methods["tr_eta"])
     if args.mode == "statassist+gradboost":
         opt = GradBoost(opt, decay=args.gb_decay, clamp=args.gb_clamp, noise_decay=args.gb_noise_decay,
                         coin_toss=args.gb_coin_toss, seed=args.seed)
@@ -139,6 +164,42 @@ def _quant_ranges(args: argparse.Namespace) -> tuple[Optional[tuple[int, int]], 
     return w, a
 
 
+def check_method_args(args: argparse.Namespace) -> None:
+    """Raise for QAT-method flags that do not apply to this run (naming the flag and the fix)."""
+    m = method_args(args)
+    if args.mode == "fp" and (m["qat_method"] != "ste" or m["talr"]):
+        flag = f"--qat-method {m['qat_method']}" if m["qat_method"] != "ste" else "--talr"
+        raise ValueError(f"{flag} needs a QAT phase: use --mode qat, qat-finetune, statassist or statassist+gradboost, "
+                         "not --mode fp")
+    owners = {"ewgs_": ("--qat-method ewgs", m["qat_method"] == "ewgs"),
+              "octav_": ("--qat-method octav", m["qat_method"] == "octav"),
+              "tr_": ("--talr", m["talr"])}
+    for key, value in m.items():
+        for prefix, (owner, active) in owners.items():
+            if key.startswith(prefix) and not active and value != METHOD_DEFAULTS[key]:
+                raise ValueError(f"--{key.replace('_', '-')} {value} only applies with {owner}")
+    for key in ("ewgs_interval",):
+        if m[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0 (0 = every epoch), got {m[key]}")
+    for key in ("ewgs_samples", "octav_calib_batches"):
+        if m[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {m[key]}")
+    if not m["ewgs_lr"] >= 0:
+        raise ValueError(f"--ewgs-lr must be >= 0, got {m['ewgs_lr']}")
+
+
+def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
+    """The QConfig of ``--qat-method`` for ``backend``, or None for ``ste`` (the default qconfig)."""
+    m = method_args(args)
+    if m["qat_method"] == "ste":
+        return None
+    wrange, arange = _quant_ranges(args)
+    options: dict[str, Any] = {}
+    if m["qat_method"] == "octav":
+        options = {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"], "calib_batches": m["octav_calib_batches"]}
+    return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange, **options)
+
+
 def _fp_epochs(args: argparse.Namespace) -> int:
     if args.mode == "fp":
         return args.epochs  # never switches
@@ -187,6 +248,18 @@ def load_init(model: nn.Module, path: str, *, reset_head: bool = False, verbose:
     model.load_state_dict(tensors, strict=True)
 
 
+def refresh_ewgs_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, step: int) -> dict[str, float]:
+    """Re-estimate every EWGS delta on the batch ``(x, y)`` (EWGS paper, Eq. 10).
+
+    The Rademacher vectors come from a generator seeded by ``--seed`` and the global step, so a
+    resumed run draws the same ones; the model's buffers and the global RNG are left as they were.
+    """
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    return quant.update_ewgs_deltas(
+        model, lambda: F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing),
+        samples=method_args(args)["ewgs_samples"], generator=gen)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic write: a crash leaves the previous checkpoint intact."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -206,6 +279,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     quant.check_backend(args.backend)
+    check_method_args(args)
+    methods = method_args(args)
     if args.mode == "qat-finetune" and not args.init:
         raise ValueError("--mode qat-finetune needs --init <FP32 weights file> (the FP-trained model to fine-tune)")
     fp_epochs = _fp_epochs(args)
@@ -221,10 +296,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout).to(device)
     if args.init:
         load_init(model, args.init, reset_head=args.reset_head, verbose=rank == 0)
-    opt = build_optimizer(model, args)
-    sa = StatAssist(model, opt, backend=args.backend, fp_epochs=fp_epochs, weight_quant_range=wrange, act_quant_range=arange)
     steps_per_epoch = len(train_b)
+    opt = build_optimizer(model, args, steps_per_epoch)
+    sa = StatAssist(model, opt, backend=args.backend, fp_epochs=fp_epochs, weight_quant_range=wrange, act_quant_range=arange,
+                    qconfig=method_qconfig(args, args.backend),
+                    qparam_group=EWGS_GROUP if methods["qat_method"] == "ewgs" else None)
     sched = build_scheduler(opt, args, steps_per_epoch)
+    trs = find_wrapped(opt, TransitionRateScheduler)
+    ewgs_every = (methods["ewgs_interval"] or steps_per_epoch) if methods["qat_method"] == "ewgs" else 0
 
     start_epoch = start_batch = global_step = 0
     history: list[dict[str, Any]] = []
@@ -235,6 +314,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if ckpt["args"]["model"] != args.model or ckpt["args"]["mode"] != args.mode:
             raise ValueError(f"{resume} was written by --model {ckpt['args']['model']} --mode {ckpt['args']['mode']}, "
                              f"not --model {args.model} --mode {args.mode}")
+        saved_methods = method_args(ckpt["args"])
+        for key in ("qat_method", "talr"):
+            saved = saved_methods[key]
+            if saved != methods[key]:
+                raise ValueError(f"{resume} was written with --{key.replace('_', '-')} {saved}, not {methods[key]}; "
+                                 "resume with the flags it was started with")
         sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
         model.load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
@@ -251,7 +336,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "statassist": sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": global_step,
-            "rng": torch.get_rng_state(), "args": vars(args), "history": history,
+            "rng": torch.get_rng_state(), "args": recorded_args(args), "history": history,
             "data": {"name": info.name, "categories": info.categories},
         })
 
@@ -282,6 +367,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch} [{sa.phase}]", mininterval=10, leave=False)
         for b, (x, y) in enumerate(train_b.epoch(epoch, start_batch), start=start_batch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if ewgs_every and sa.phase == "qat":
+                qat_step = global_step - fp_epochs * steps_per_epoch
+                if qat_step > 0 and qat_step % ewgs_every == 0:
+                    refresh_ewgs_deltas(model, x, y, args, global_step)
             outp = ddp_model(x)
             loss = F.cross_entropy(outp, y, label_smoothing=args.label_smoothing)
             if not torch.isfinite(loss):
@@ -315,6 +404,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                   "train_time_s": round(train_time, 1), "eval_split": info.eval_split}
         if in_sync is not None:
             record["replicas_in_sync"] = in_sync
+        if sa.phase == "qat" and methods["qat_method"] == "ewgs":
+            deltas = [float(m.delta) for m in model.modules() if isinstance(m, quant.EWGSFakeQuantize)]
+            record["ewgs_delta_mean"] = sum(deltas) / max(1, len(deltas))
+        if trs is not None and trs.active:
+            record.update(trs.summary())
         if rank == 0:
             ev = evaluate(model, eval_b)
             record["fp32_top1" if sa.phase == "fp" else "fake_quant_top1"] = ev["top1"]
@@ -382,7 +476,9 @@ def int8_for_backend(model: nn.Module, float_model: nn.Module, sa: StatAssist, b
         return quant.quantize_ptq(float_model, calib, backend)
     wrange, arange = _quant_ranges(args)
     m = copy.deepcopy(float_model)
-    quant.prepare_qat(m, backend, weight_quant_range=wrange, act_quant_range=arange)
+    quant.prepare_qat(m, backend, weight_quant_range=wrange, act_quant_range=arange, qconfig=method_qconfig(args, backend))
+    if sa.phase == "qat" and method_args(args)["qat_method"] == "ewgs":
+        quant.copy_ewgs_bounds(model, m)  # the learned intervals, not a new calibration
     m.eval()  # BN uses its running statistics; the fake-quant observers still record ranges
     with torch.no_grad():
         for x in calib:

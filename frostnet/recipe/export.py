@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..serialization import save_fp32, save_int8
+from .args import recorded_args
 from .data import DataInfo
 
 
@@ -35,5 +36,5 @@ def export_run(args: argparse.Namespace, float_model: nn.Module, int8_models: di
         files[f"int8_{backend}"] = str(path)
     with open(out / "run.json", "w") as f:
         json.dump({"final": {k: v for k, v in final.items() if k != "files"}, "recipe": recipe_command(args),
-                   "args": vars(args), "data": info.__dict__}, f, indent=2)
+                   "args": recorded_args(args), "data": info.__dict__}, f, indent=2)
     return files

@@ -1,0 +1,211 @@
+"""The QAT methods through the recipe CLI (tools/train.py flags): each trains, survives a kill at a
+checkpoint and resumes to the uninterrupted result, and exports loadable INT8 files; flags that do
+not apply raise; default runs keep the checkpoint layout they had before the methods existed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from frostnet import quant
+from frostnet.data import FashionMNIST
+from frostnet.recipe import engine, get_args_parser, main
+from frostnet.recipe.args import METHOD_DEFAULTS, recorded_args
+from frostnet.serialization import load_int8
+
+
+def _has_fashion_mnist() -> bool:
+    try:
+        FashionMNIST(split="test")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_data = pytest.mark.skipif(not _has_fashion_mnist(), reason="apt-get install -y dataset-fashion-mnist")
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The runs below set torch's thread count (--threads 1); give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# 128 images in batches of 64: two steps per epoch
+TINY = ["--model", "frostnet_small_0_35", "--data", "fashion_mnist", "--train-subset", "128", "--batch-size", "64",
+        "--eval-subset", "64", "--calib-batches", "1", "--no-progress", "--lr", "0.05", "--threads", "1",
+        "--no-int8-eval", "--epochs", "2", "--ckpt-interval-steps", "1"]
+
+
+class _Killed(Exception):
+    """Stands in for the hard exit of --exit-at-step, so the kill happens in this process."""
+
+
+def _kill_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], kill_at: int):
+    """An uninterrupted run and one killed after ``kill_at`` steps then resumed; returns both
+    final metrics and the resumed run's directory."""
+    ref = main(get_args_parser().parse_args(TINY + flags + ["--output-dir", str(tmp_path / "ref"), "--no-export",
+                                                            "--export-backends", "x86"]))
+    out = tmp_path / "killed"
+
+    def exit_(code: int) -> None:
+        raise _Killed(code)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.os, "_exit", exit_)
+        with pytest.raises(_Killed):
+            main(get_args_parser().parse_args(TINY + flags + ["--output-dir", str(out), "--exit-at-step", str(kill_at)]))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == kill_at
+    resumed = main(get_args_parser().parse_args(TINY + flags + ["--output-dir", str(out), "--resume", "auto",
+                                                                "--export-backends", "x86,qnnpack"]))
+    for key in ("fp32_top1", "fake_quant_top1", "int8_x86_top1"):
+        assert resumed[key] == ref[key], key
+    a = torch.load(tmp_path / "ref/checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    return resumed, out, b
+
+
+def _int8_files(final: dict) -> dict[str, torch.nn.Module]:
+    models = {b: load_int8(final["files"][f"int8_{b}"], backend=b) for b in ("x86", "qnnpack")}
+    for m in models.values():
+        assert quant.is_quantized_model(m)
+    return models
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_data
+def test_cli_ewgs_trains_resumes_and_exports(tmp_path, monkeypatch):
+    final, out, ckpt = _kill_and_resume(tmp_path, monkeypatch, ["--mode", "qat", "--qat-method", "ewgs",
+                                                                 "--ewgs-interval", "1"], kill_at=3)
+    assert any(k.endswith("weight_fake_quant.upper") for k in ckpt["model"])
+    assert ckpt["model"]["conv1.conv.0.weight_fake_quant.upper"].numel() > 1  # x86: per-channel intervals
+    deltas = [float(v) for k, v in ckpt["model"].items() if k.endswith(".delta")]
+    assert max(deltas) > 0  # re-estimated every step after the first
+    assert len(ckpt["optimizer"]["param_groups"]) == 3 and ckpt["optimizer"]["param_groups"][2]["params"]
+    assert ckpt["args"]["qat_method"] == "ewgs"
+    assert all("ewgs_delta_mean" in rec for rec in _metrics(out) if "epoch" in rec)
+    models = _int8_files(final)
+    w = models["qnnpack"].conv1.conv[0].weight()
+    assert w.qscheme() == torch.per_tensor_affine  # the per-channel intervals, widest channel per tensor
+
+
+@needs_data
+def test_cli_octav_w4a4_trains_resumes_and_exports(tmp_path, monkeypatch):
+    final, out, ckpt = _kill_and_resume(tmp_path, monkeypatch, ["--mode", "qat", "--qat-method", "octav",
+                                                                 "--weight-bits", "4", "--act-bits", "4"], kill_at=3)
+    assert "conv1.conv.0.weight_fake_quant.activation_post_process.max_val" in ckpt["model"]
+    for backend, model in _int8_files(final).items():
+        ints = model.conv1.conv[0].weight().int_repr()
+        assert -8 <= int(ints.min()) and int(ints.max()) <= 7, backend  # 4-bit weights inside INT8
+    assert final["int8_qnnpack_top1"] >= 0
+
+
+@needs_data
+def test_cli_talr_with_statassist_gradboost_trains_resumes_and_exports(tmp_path, monkeypatch):
+    # epoch 0 float (the wrapper acts as the plain optimizer), epoch 1 QAT with TALR; killed in QAT
+    final, out, ckpt = _kill_and_resume(tmp_path, monkeypatch, ["--mode", "statassist+gradboost", "--talr",
+                                                                 "--tr-target", "0.05"], kill_at=3)
+    state = ckpt["optimizer"]
+    assert {"gradboost", "transition"} <= set(state)
+    assert state["transition"]["steps"] == 2 and len(state["transition"]["layers"]) > 10
+    assert state["transition"]["config"]["target"] == 0.05
+    qat = [rec for rec in _metrics(out) if rec.get("phase") == "qat"]
+    assert qat and {"tr_target", "tr_running", "talr_mean"} <= set(qat[-1])
+    assert int(ckpt["model"]["conv1.conv.0.weight_fake_quant.observer_enabled"]) == 0  # frozen grid
+    _int8_files(final)
+
+
+def test_method_flags_that_do_not_apply_raise(tmp_path):
+    parse = get_args_parser().parse_args
+    with pytest.raises(ValueError, match="--qat-method ewgs needs a QAT phase: use --mode qat"):
+        engine.check_method_args(parse(["--mode", "fp", "--qat-method", "ewgs"]))
+    with pytest.raises(ValueError, match="--talr needs a QAT phase"):
+        engine.check_method_args(parse(["--mode", "fp", "--talr"]))
+    with pytest.raises(ValueError, match="--ewgs-interval 5 only applies with --qat-method ewgs"):
+        engine.check_method_args(parse(["--mode", "qat", "--ewgs-interval", "5"]))
+    with pytest.raises(ValueError, match="--tr-target 0.1 only applies with --talr"):
+        engine.check_method_args(parse(["--mode", "qat", "--tr-target", "0.1"]))
+    with pytest.raises(ValueError, match="--octav-calib-batches must be >= 1, got 0"):
+        engine.check_method_args(parse(["--mode", "qat", "--qat-method", "octav", "--octav-calib-batches", "0"]))
+    engine.check_method_args(parse(["--mode", "statassist+gradboost", "--qat-method", "octav", "--talr"]))
+    with pytest.raises(SystemExit):
+        parse(["--qat-method", "lsq"])
+    # resuming a checkpoint with another method is refused
+    (tmp_path / "run").mkdir()
+    torch.save({"args": {"model": "frostnet_small_0_35", "mode": "qat"}}, tmp_path / "run/checkpoint.pt")
+    with pytest.raises(ValueError, match="written with --qat-method ste, not octav"):
+        main(parse(TINY + ["--mode", "qat", "--qat-method", "octav", "--output-dir", str(tmp_path / "run"),
+                           "--resume", "auto"]))
+
+
+def test_default_runs_record_exactly_the_old_args():
+    args = get_args_parser().parse_args([])
+    recorded = recorded_args(args)
+    assert not set(METHOD_DEFAULTS) & set(recorded)  # checkpoints/run.json of default runs are unchanged
+    assert set(recorded) | set(METHOD_DEFAULTS) == set(vars(args))
+    assert quant.QAT_METHODS == tuple(get_args_parser()._option_string_actions["--qat-method"].choices)
+    tuned = recorded_args(get_args_parser().parse_args(["--qat-method", "octav", "--talr"]))
+    assert tuned["qat_method"] == "octav" and tuned["talr"] is True and "tr_target" not in tuned
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"frostnet_tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_methods_commands_and_table_from_logs(tmp_path):
+    tool = _tool("compare_methods")
+    args = tool.get_args_parser().parse_args(["--table", "--runs", str(tmp_path), "--seeds", "0,1", "--rows", "ste,octav"])
+    cmds = dict((d.name, argv) for d, argv in tool.commands(args))
+    assert len(cmds) == 2 * 2 * 2  # rows x bit settings x seeds
+    octav4 = cmds["frostnet_small_0_5.octav.w4a4.seed1"]
+    assert {"--qat-method", "octav", "--weight-bits", "4", "--act-bits", "4", "--resume", "auto"} <= set(octav4)
+    assert octav4[octav4.index("--epochs") + 1] == "5" and octav4[octav4.index("--seed") + 1] == "1"
+    for seed, top1 in ((0, 80.0), (1, 82.0)):  # two finished W4A4 OCTAV runs (one epoch logged twice: resumed)
+        d = tmp_path / f"frostnet_small_0_5.octav.w4a4.seed{seed}"
+        d.mkdir()
+        records = [{"epoch": 0, "phase": "qat", "train_time_s": 99.0}, {"epoch": 0, "phase": "qat", "train_time_s": 10.0},
+                   {"epoch": 1, "phase": "qat", "train_time_s": 20.0},
+                   {"final": {"fp32_top1": 90.0, "fake_quant_top1": top1, "int8_x86_top1": top1 - 1,
+                              "int8_qnnpack_top1": top1 - 2}}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "frostnet_small_0_5.ste.w8a8.seed0").mkdir()  # started, unfinished
+    (tmp_path / "frostnet_small_0_5.ste.w8a8.seed0/metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
+    lines = tool.table(args).splitlines()
+    assert "| + OCTAV / MAD | W4A4 | 90.00 ± 0.00 | 81.00 ± 1.41 | 80.00 ± 1.41 | 79.00 ± 1.41 | 15.0 ± 0.0 | 2/2 |" in lines
+    assert "| plain STE QAT | W8A8 | - | - | - | - | - | 0/2 |" in lines
+    with pytest.raises(SystemExit, match="unknown lsq"):
+        tool.commands(tool.get_args_parser().parse_args(["--table", "--rows", "lsq"]))
+
+
+def test_statassist_hands_new_quantizer_parameters_to_the_optimizer():
+    import frostnet
+    from frostnet.optim import TransitionRateScheduler
+    from frostnet.recipe import StatAssist
+
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="learnable quantizer parameters that the optimizer does not train"):
+        StatAssist(model, opt, fp_epochs=0, qconfig=quant.get_ewgs_qconfig("x86")).on_epoch_start(0)
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    opt = TransitionRateScheduler(torch.optim.SGD([{"params": list(model.parameters())}, {"params": [], "lr": 1e-4}],
+                                                  lr=0.1), schedule="constant")
+    sa = StatAssist(model, opt, fp_epochs=0, qconfig=quant.get_ewgs_qconfig("x86"), qparam_group=1)
+    assert sa.on_epoch_start(0) and opt.active  # attached to the prepared model at the switch
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in quant.ewgs_parameters(model)}
+    with pytest.raises(ValueError, match="qparam_group must index one of the optimizer's 1 parameter groups, got 3"):
+        StatAssist(model, torch.optim.SGD(model.parameters(), lr=0.1), qparam_group=3)
