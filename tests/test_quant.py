@@ -51,7 +51,7 @@ def test_trained_int8_top1_matches_fake_quant(backend):
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
     quant.prepare_qat(model, backend)
-    loss = _qat_steps(model, x, y, steps=20, adam=True)
+    loss = _qat_steps(model, x, y, steps=40, adam=True)
     assert loss < 0.5
     model.eval()
     with torch.no_grad():
@@ -136,17 +136,18 @@ def test_unknown_backend_raises_instead_of_returning_float():
         quant.get_qconfig("onnx", qat=False)
 
 
-def test_per_channel_weights_on_x86_per_tensor_on_qnnpack():
-    # converted weights report the affine schemes; symmetric means their zero points are all 0
-    for backend, scheme in [("x86", torch.per_channel_affine), ("qnnpack", torch.per_tensor_affine)]:
+def test_per_channel_weights_on_every_engine():
+    # converted weights report the affine schemes; symmetric means their zero points are all 0.
+    # qnnpack too: per-tensor weights of BN-folded depthwise convs lose tens of points of accuracy.
+    for backend, scheme in [("x86", torch.per_channel_affine), ("qnnpack", torch.per_channel_affine)]:
         model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
         quant.prepare_qat(model, backend)
         model(torch.randn(2, 3, 32, 32))
         int8 = quant.convert(model.eval(), backend)
         weight = int8.layer3[0].conv1.conv[0].weight()
         assert weight.qscheme() == scheme
-        zero_points = weight.q_per_channel_zero_points() if backend == "x86" else torch.tensor([weight.q_zero_point()])
-        assert (zero_points == 0).all()
+        assert (weight.q_per_channel_zero_points() == 0).all()
+        assert weight.q_per_channel_scales().unique().numel() > 1  # one scale per output channel
 
 
 def test_use_engine_restores():

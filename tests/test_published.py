@@ -1,0 +1,100 @@
+"""The checkpoints this checkout publishes (weights/ + weights_manifest.json), used as a user would.
+
+Driven by the real manifest: every published entry's file verifies and loads through
+``torch.hub.load(<checkout>, ..., source="local")``, one INT8 checkpoint is re-evaluated on a fixed
+part of the real Fashion-MNIST test split against the number its manifest entry records, and a
+published INT8-ready (QAT-trained) FP32 file is fine-tuned to another class count and converted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import frostnet
+import frostnet.data
+from frostnet import hub, quant
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The architectures whose Fashion-MNIST checkpoints this checkout publishes (FP32 + INT8 x86 +
+#: INT8 qnnpack each); a missing file or entry fails here.
+PUBLISHED = ("frostnet_small_1_0",)
+ENTRIES = sorted(hub.list_weights())
+FMNIST = frostnet.data.DEFAULT_FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz"
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"frostnet_tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", PUBLISHED)
+def test_every_published_arch_has_fp32_and_both_int8_files(arch):
+    manifest = hub.read_manifest()
+    for suffix in ("fp32", "int8_x86", "int8_qnnpack"):
+        name = f"{arch}.fashion_mnist.{suffix}"
+        assert name in manifest, f"{name} missing from weights_manifest.json"
+        entry = manifest[name]
+        assert (ROOT / "weights" / entry.file).is_file(), f"weights/{entry.file} is not in the checkout"
+        assert entry.recipe and "tools/train.py" in entry.recipe and "statassist+gradboost" in entry.recipe
+        assert entry.metrics["acc@1"] > 80.0  # a trained model, not random weights (10% on 10 classes)
+    fp32 = manifest[f"{arch}.fashion_mnist.fp32"]
+    assert {"acc@1", "fake_quant_acc@1"} <= set(fp32.metrics)
+    assert hub.default_weights(arch).name == fp32.name
+    assert hub.default_weights(arch, quantized=True, backend="qnnpack").name == f"{arch}.fashion_mnist.int8_qnnpack"
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_published_entry_loads_through_torch_hub(name):
+    entry = hub.get_weights(name)
+    kwargs = {"weights": name}
+    if entry.format == "int8":
+        kwargs.update(quantized=True, backend=entry.backend)
+    model = torch.hub.load(str(ROOT), entry.arch, source="local", trust_repo=True, **kwargs)
+    assert quant.is_quantized_model(model) == (entry.format == "int8")
+    with torch.no_grad():
+        out = model(torch.zeros(2, *entry.input_size))
+    assert out.shape == (2, len(entry.categories)) and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+def test_int8_checkpoint_reproduces_its_manifest_accuracy():
+    evaluate = _load_tool("evaluate")
+    name = f"{PUBLISHED[0]}.fashion_mnist.int8_x86"
+    expected = hub.get_weights(name).metrics["acc@1_first2000"]
+    res = evaluate.measure(name, subset=2000)
+    assert res["n"] == 2000 and res["split"] == "test"
+    assert abs(res["acc@1"] - expected) <= 0.3, (res, expected)
+
+
+def test_finetune_published_int8_ready_weights_to_other_classes(tmp_path):
+    """The documented path: published QAT-trained FP32 -> QAT-prepared model with a new head ->
+    one epoch -> INT8."""
+    from test_finetune import _imagefolder
+
+    from frostnet.recipe import get_args_parser, main
+
+    _imagefolder(tmp_path / "data")
+    arch = PUBLISHED[0]
+    fp32 = hub.resolve_file(hub.get_weights(f"{arch}.fashion_mnist.fp32"))
+    args = get_args_parser().parse_args([
+        "--model", arch, "--data", f"imagefolder:{tmp_path / 'data'}", "--input-size", "32",
+        "--mode", "qat-finetune", "--init", str(fp32), "--reset-head", "--epochs", "1",
+        "--batch-size", "6", "--lr", "0.01", "--workers", "0", "--calib-batches", "1", "--no-progress",
+        "--export-backends", "x86", "--output-dir", str(tmp_path / "ft")])
+    final = main(args)
+    int8 = hub.load_weights(final["files"]["int8_x86"])
+    assert quant.is_quantized_model(int8)
+    assert int8(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    # the backbone is the published one, trained one epoch further from it; the head is new
+    tuned = hub.load_weights(final["files"]["fp32"]).state_dict()
+    published = hub.load_weights(str(fp32)).state_dict()
+    assert tuned["classifier.2.weight"].shape == (3, 1280, 1, 1)
+    stem = next(k for k in published if k.endswith("weight") and published[k].dim() == 4)
+    assert torch.allclose(tuned[stem], published[stem], atol=0.05) and not torch.equal(tuned[stem], published[stem])
