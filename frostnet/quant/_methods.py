@@ -516,9 +516,10 @@ class EWGSFakeQuantize(FakeQuantize):
       integer zero point); the gradient treats the shifted lower bound as :math:`l`.
     * symmetric qschemes (weights, zero point 0) learn only :math:`u`; :math:`l = u \cdot q_{min} / q_{max}`
       (the paper's output :math:`2(x_q - 0.5)` has no zero level and is not representable).
-    * ``per_channel_symmetric`` (weights on x86/fbgemm, whose INT8 weights are per channel)
+    * ``per_channel_symmetric`` (weights on every engine, whose INT8 weights are per channel)
       learns one :math:`u` per channel of ``ch_axis``, so the INT8 model has the layout of every
-      other x86 model; the paper's one interval per quantizer is the per-tensor case (qnnpack).
+      other model of that engine; the paper's one interval per quantizer is the per-tensor case
+      (``per_channel=False`` in :func:`get_ewgs_qconfig`).
       :math:`\delta` stays one value per quantizer.
 
     The bounds are set on the first forward pass (Sec. 4.1): weights :math:`u = 3\sigma(w)` (per
@@ -637,7 +638,7 @@ def copy_ewgs_bounds(source: nn.Module, target: nn.Module) -> int:
     """Copy the learned intervals and deltas of ``source``'s EWGS quantizers into the same-named
     ones of ``target`` (e.g. the model prepared for another backend); returns how many were copied.
 
-    A per-channel interval copied into a per-tensor quantizer (x86 weights to qnnpack) becomes the
+    A per-channel interval copied into a per-tensor quantizer (``per_channel=False``) becomes the
     widest channel's interval, so no channel is clipped more than it was in training.
     """
     theirs = {n: m for n, m in source.named_modules() if isinstance(m, EWGSFakeQuantize)}
@@ -794,7 +795,7 @@ def get_ewgs_qconfig(
         backend: one of :data:`~frostnet.quant.BACKENDS` (sets the default activation range).
         weight_quant_range / act_quant_range: as for :func:`~frostnet.quant.get_qconfig`.
         per_channel: one weight interval per output channel; default: as the backend's INT8
-            weights (x86/fbgemm per channel, qnnpack per tensor, which is the paper's form).
+            weights (per channel on every engine; False gives the paper's one interval per tensor).
     """
     wmin, wmax, amin, amax = _ranges(backend, weight_quant_range, act_quant_range)
     per_channel = _PER_CHANNEL[backend] if per_channel is None else per_channel
@@ -821,7 +822,7 @@ def get_octav_qconfig(
     iterations: int = 10,
     act_averaging_constant: float = 0.01,
 ) -> QConfig:
-    """qconfig with OCTAV clipping: per-channel weights on x86/fbgemm, per-tensor on qnnpack.
+    """qconfig with OCTAV clipping: per-channel weights (every engine), per-tensor activations.
 
     Args:
         backend: one of :data:`~frostnet.quant.BACKENDS`.
