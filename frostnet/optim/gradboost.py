@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Final
@@ -29,6 +29,8 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from ._wrapper import OptimizerWrapper
 
 __all__ = ["GradBoost", "PHASES"]
 
@@ -80,7 +82,7 @@ def _check_phase(phase: str) -> str:
     return phase
 
 
-class GradBoost(Optimizer):
+class GradBoost(OptimizerWrapper):
     r"""Add GradBoost (stochastic gradient boosting) to any ``torch.optim`` optimizer.
 
     The wrapper edits ``p.grad`` in place and then calls the wrapped optimizer's ``step()``, so
@@ -207,56 +209,6 @@ class GradBoost(Optimizer):
         self._previous_ids: dict[tuple[torch.device, torch.dtype], tuple[int, ...]] = {}
         self._log_tables: dict[tuple[torch.device, torch.dtype, bool], Tensor] = {}
         self._init_optimizer_base()
-
-    def _init_optimizer_base(self) -> None:
-        # Optimizer.__init__ would rebuild param_groups from scratch; the wrapper shares the
-        # wrapped optimizer's groups instead, so only the base-class bookkeeping is set up here
-        # (the hooks behind register_step_pre_hook & co and the profiling step patch).
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._warned_capturable_if_run_uncaptured = True
-        self._patch_step_function()
-
-    # -- delegation to the wrapped optimizer -----------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The wrapped optimizer's parameter groups (shared, so LR schedulers reach it)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> defaultdict[Tensor, Any]:  # type: ignore[override]
-        """The wrapped optimizer's per-parameter state (momentum buffers, moments, ...)."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: defaultdict[Tensor, Any]) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's default hyper-parameters."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients through the wrapped optimizer (see ``Optimizer.zero_grad``)."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the wrapped optimizer; its GradBoost state starts empty."""
-        self.optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
         # Hooks are process-local (like torch's) and the scratch buffers are recreated lazily.

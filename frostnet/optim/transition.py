@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Final, Optional
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import quant
+from ._wrapper import OptimizerWrapper
 
 __all__ = ["AdamT", "AdamWT", "SGDT", "TR_SCHEDULES", "TransitionRateScheduler"]
 
@@ -51,7 +51,7 @@ def _real(name: str, value: object, low: float, high: float, *, low_open: bool =
     return float(value)
 
 
-class TransitionRateScheduler(Optimizer):
+class TransitionRateScheduler(OptimizerWrapper):
     r"""Schedule the transition rate of quantized weights instead of their learning rate.
 
     Per quantized layer (a QAT module with ``weight_fake_quant``), with :math:`w_d` the integer
@@ -165,54 +165,6 @@ class TransitionRateScheduler(Optimizer):
         if not isinstance(c["freeze_weight_qparams"], bool):
             raise TypeError(f"freeze_weight_qparams must be a bool, got {c['freeze_weight_qparams']!r}")
         return c
-
-    def _init_optimizer_base(self) -> None:
-        # As GradBoost: share the wrapped optimizer's groups; set up only the base-class hooks.
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._warned_capturable_if_run_uncaptured = True
-        self._patch_step_function()
-
-    # -- delegation ------------------------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The wrapped optimizer's parameter groups (shared, so LR schedulers reach it)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The wrapped optimizer's per-parameter state."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's default hyper-parameters."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients through the wrapped optimizer."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the wrapped optimizer."""
-        self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
