@@ -67,3 +67,14 @@ class OptimizerWrapper(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; the wrapper's own state for it starts empty."""
         self.optimizer.add_param_group(param_group)
+
+    def _param_indices(self) -> dict[int, int]:
+        """id(parameter) -> its index in ``state_dict()``: ``Optimizer.state_dict``'s numbering
+        (a running index over the groups, first occurrence)."""
+        index: dict[int, int] = {}
+        start = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"], start):
+                index.setdefault(id(p), i)
+            start += len(group["params"])
+        return index

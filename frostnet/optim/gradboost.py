@@ -657,16 +657,6 @@ class GradBoost(OptimizerWrapper):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _param_indices(self) -> dict[int, int]:
-        # Same numbering as Optimizer.state_dict: running index over the groups, first occurrence.
-        index: dict[int, int] = {}
-        start = 0
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"], start):
-                index.setdefault(id(p), i)
-            start += len(group["params"])
-        return index
-
 
 def _bits_numel(numel: int) -> int:
     """Number of int64 random words that provide 16 bits for each of ``numel`` elements."""

@@ -290,15 +290,6 @@ class TransitionRateScheduler(OptimizerWrapper):
 
     # -- checkpointing -----------------------------------------------------------------------------
 
-    def _param_indices(self) -> dict[int, int]:
-        index: dict[int, int] = {}
-        start = 0
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"], start):
-                index.setdefault(id(p), i)
-            start += len(group["params"])
-        return index
-
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"transition"`` entry: the settings, the step
         count and, per attached weight (by parameter index), ``K``, ``U`` and ``k``."""
