@@ -32,14 +32,8 @@ DETECTORS = frostnet.list_models(task="detection")
 BACKENDS = ["x86", "qnnpack"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Detection graphs are many small ops; on a shared 2-core machine two intra-op threads
-    # contend with other processes and run ~10x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: tiny tensors on 2 shared cores (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _targets(size, *, empty_second=True):

@@ -26,14 +26,8 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-offs that dominate (and
-    become erratic on a loaded machine) without changing any result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: tiny tensors on 2 shared cores (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_model() -> nn.Module:

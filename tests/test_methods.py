@@ -20,13 +20,8 @@ BACKENDS = ["x86", "qnnpack"]
 BITS = {8: (None, None), 4: ((-8, 7), (0, 15))}  # W8A8, and W4A4 simulated inside INT8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs (erratic on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: tiny tensors on 2 shared cores (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

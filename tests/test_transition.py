@@ -17,13 +17,8 @@ from frostnet import quant
 from frostnet.optim import SGDT, AdamT, AdamWT, GradBoost, TransitionRateScheduler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs (erratic on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: tiny tensors on 2 shared cores (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Tiny(nn.Module):

@@ -78,3 +78,11 @@ class OptimizerWrapper(Optimizer):
                 index.setdefault(id(p), i)
             start += len(group["params"])
         return index
+
+    def _state_dict_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Run the hooks of ``register_state_dict_post_hook`` on a finished state dict."""
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict

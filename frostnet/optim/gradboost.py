@@ -586,11 +586,7 @@ class GradBoost(OptimizerWrapper):
                 **{name: gen.get_state() for name, gen in self._generators.items()},
             },
         }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return self._state_dict_post_hooks(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer).

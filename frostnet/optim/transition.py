@@ -302,11 +302,7 @@ class TransitionRateScheduler(OptimizerWrapper):
             "steps": self._steps,
             "layers": {index[id(p)]: dict(st) for p, st in self.layer_state.items() if id(p) in index},
         }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return self._state_dict_post_hooks(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output (or a plain state dict of the wrapped optimizer, which
