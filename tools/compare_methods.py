@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="w8a8,w4a4", help=f"comma-separated bit settings; choices: {', '.join(BITS)}")
     p.add_argument("--lr", type=float, default=0.04, help="peak LR of every run (the zoo's; 0.1 diverged there)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--train-subset", type=int, default=10000,
+                   help="seeded subset of the training images per run (0 = all 55k after the validation hold-out); "
+                        "20 runs of full data do not fit a 2-core session")
     p.add_argument("--runs", type=Path, default=Path("runs/methods"), help="where the runs live (relative to the checkout)")
     p.add_argument("--extra", default="--clip-grad 5 --val-size 5000 --no-progress --threads 1",
                    help="flags added to every run (after the others, so they can override them)")
@@ -89,7 +92,8 @@ def commands(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
     out = []
     for seed in _seeds(args):
         base = [sys.executable, "tools/train.py", "--model", args.model, "--data", "fashion_mnist", "--seed", str(seed),
-                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                "--train-subset", str(args.train_subset)]
         for bits in _choices(args.bits, BITS, "--bits"):
             for row in _choices(args.rows, ROWS, "--rows"):
                 d = run_dir(args, row, bits, seed)
@@ -130,7 +134,8 @@ def _fmt(values: list[float], digits: int = 2) -> str:
 
 def table(args: argparse.Namespace) -> str:
     seeds = _seeds(args)
-    lines = [f"{args.model}, Fashion-MNIST test split (10k), {args.epochs} epochs per run, lr {args.lr:g}, "
+    lines = [f"{args.model}, Fashion-MNIST test split (10k), {args.epochs} epochs per run on "
+             f"{f'{args.train_subset} training images' if args.train_subset else 'the full training split'}, lr {args.lr:g}, "
              f"seeds {args.seeds} (mean ± std); W4A4 = 4-bit weights and activations simulated inside INT8:", "",
              "| method | bits | FP32 latent top-1 | fake-quant top-1 | INT8 x86 top-1 | INT8 qnnpack top-1 "
              "| s / QAT epoch | runs |",
