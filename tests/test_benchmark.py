@@ -193,6 +193,8 @@ def test_benchmark_rejects_too_few_runs_and_unknown_models(capsys):
     # batch {1, 8} x threads {1, 2} and INT8 the same for x86 and qnnpack
     assert out.startswith("7 models, 168 configurations (30 runs after 10 warm-up runs each)")
     assert "tv:mobilenet_v3_large int8/qnnpack optimized b8 t2" in out
+    with pytest.raises(SystemExit, match="nothing to benchmark"):
+        bench.main(parser.parse_args(["--models", "@none", "--weights", "", "--dry-run"]))
 
 
 def test_published_checkpoint_in_process(tmp_path, monkeypatch):

@@ -144,12 +144,23 @@ def test_noise_sign_bound_and_mask():
     assert abs(fraction - 0.5) < 0.01
 
 
+def _documented_words(numel, generator):
+    """The draw's random words: two seeds from the device generator, then the first and second
+    half of the (numel + 3) // 4 int64 words each from a generator seeded with its seed."""
+    seeds = torch.empty(2, dtype=torch.int64).random_(generator=generator).tolist()
+    words = (numel + 3) // 4
+    half = (words + 1) // 2
+    parts = [torch.empty(n, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(seed))
+             for n, seed in ((half, seeds[0]), (words - half, seeds[1]))]
+    return torch.cat(parts)
+
+
 def _expected_noise(opt, params, grads, generator, coin_toss=True):
     """Equations 5-8 applied to the documented draws: one int64 word per four elements (in
     parameter order, for the parameters drawn together), j = (16 bits & 0x7FFF) | 1,
     u = j / 2**14 (coin toss: k = 1 where u < 1) or j / 2**15, |psi| = -b log(u)."""
     numels = [p.numel() for p in params]
-    bits = torch.empty((sum(numels) + 3) // 4, dtype=torch.int64).random_(generator=generator)
+    bits = _documented_words(sum(numels), generator)
     draws = bits.view(torch.int16)[: sum(numels)].bitwise_and(0x7FFF).bitwise_or(1)
     expected = []
     for p, grad, j in zip(params, grads, draws.split(numels)):
@@ -441,3 +452,42 @@ def test_bad_phase_and_optimizers_raise_clear_errors():
         GradBoost(opt)
     with pytest.raises(TypeError, match="LBFGS"):
         GradBoost(torch.optim.LBFGS(params))
+
+
+def test_noise_does_not_depend_on_the_thread_count(monkeypatch):
+    """Above the parallel threshold the second half of the draw runs on a worker thread when
+    torch has several intra-op threads; the noise must equal the one-thread draw bit for bit and
+    the documented equations."""
+    from frostnet.optim import gradboost
+
+    numel = gradboost._PARALLEL_NUMEL * 2 + 13  # odd tail: the halves differ in size
+    pool_uses = []
+    real_pool = gradboost._worker_pool
+    monkeypatch.setattr(gradboost, "_worker_pool", lambda: pool_uses.append(1) or real_pool())
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(numel, generator=gen, dtype=torch.float64) * 0.02 for _ in range(3)]
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        p = nn.Parameter(torch.zeros(numel, dtype=torch.float64))
+        opt = GradBoost(torch.optim.SGD([p], lr=0.0), clamp=0.05, phase="boost", seed=5)
+        reference = torch.Generator().manual_seed(5)
+        noises = []
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+            noises.append(p.grad - grad)
+        (want,) = _expected_noise(opt, [p], [grads[-1]], _advanced(reference, numel, len(grads) - 1))
+        torch.testing.assert_close(noises[-1], want, rtol=1e-9, atol=1e-15)
+        results.append(noises)
+    torch.set_num_threads(1)
+    assert len(pool_uses) == len(grads)  # only the two-thread run used the worker
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def _advanced(generator, numel, draws):
+    """``generator`` after ``draws`` earlier draws of ``numel`` elements."""
+    for _ in range(draws):
+        _documented_words(numel, generator)
+    return generator

@@ -3,6 +3,7 @@
     python tools/benchmark.py --update-readme          # the README's tables, JSON and plot (@default)
     python tools/benchmark.py --models @frostnets --models @peers --out-dir runs/bench-all   # every width
     python tools/benchmark.py --models @dense --out-dir runs/bench-dense   # segmentation/detection baselines
+    python tools/benchmark.py --models @none --out-dir runs/bench-published  # the published checkpoints alone
     python tools/benchmark.py --models frostnet_small_1_0 --models tv:mobilenet_v3_large \\
         --threads 1 --batch-sizes 1 --engines x86 --profile 15 --out-dir runs/profile   # which ops dominate
     python tools/benchmark.py --quick --models frostnet_small_0_35 --size 64 --out-dir /tmp/bench  # smoke run
@@ -87,6 +88,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "peers": tuple(TV_PREFIX + p for p in TV_PEERS),
     # the quantization-friendly segmentation and detection baselines (StatAssist paper, Appendix B)
     "dense": ("lraspp_*", "espnet*", "ssdlite_*", "tiny_dsod"),
+    "none": (),  # no registry model: with --weights, the published checkpoints alone
 }
 DEFAULT_MODELS: tuple[str, ...] = ("@default",)
 FORMATS: tuple[str, ...] = ("fp32", "int8")
@@ -972,6 +974,9 @@ def main(args: argparse.Namespace) -> int:
                                   det_size=args.det_size, weights_patterns=weights, manifest=args.manifest)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if not targets:
+        raise SystemExit(f"nothing to benchmark: --models {' '.join(args.models or DEFAULT_MODELS)} and --weights "
+                         f"{' '.join(weights) or chr(39) * 2} select no model")
     configs = plan(targets, formats=settings["formats"], paths=settings["paths"], batch_sizes=settings["batch_sizes"],
                    threads=settings["threads"], engines=settings["engines"],
                    dense_batch_sizes=settings["dense_batch_sizes"])

@@ -21,8 +21,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from typing import Any, Final
 
@@ -35,6 +37,30 @@ from ._wrapper import OptimizerWrapper
 __all__ = ["GradBoost", "PHASES"]
 
 PHASES: Final[tuple[str, ...]] = ("collect", "boost")
+
+#: The random words of a draw come in this many parts, each from its own reseeded generator.
+_NOISE_CHUNKS: Final[int] = 2
+#: Below this many elements a second thread costs more than it saves.
+_PARALLEL_NUMEL: Final[int] = 1 << 16
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _worker_pool() -> ThreadPoolExecutor:
+    """One worker thread that draws the second half of the noise on CPU (created on first use)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frostnet-gradboost")
+    return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child has no copy of the worker thread.
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _is_real(value: object) -> bool:
@@ -139,7 +165,10 @@ class GradBoost(OptimizerWrapper):
     (device, dtype) instead of per tensor. :math:`|\psi|` is drawn as :math:`-b_t \log u` from
     16 random bits per element (15 used: the coin and :math:`u`, with :math:`\log u` read from a
     table), so its quantiles are exact on a grid of :math:`2^{-13}` in probability
-    (:math:`2^{-14}` without the coin toss); this is what keeps the draw cheap on CPU.
+    (:math:`2^{-14}` without the coin toss); this is what keeps the draw cheap on CPU. The random
+    words of each draw come in two halves from two generators that the device generator reseeds
+    for that draw; with more than one intra-op thread on CPU a worker thread draws the second
+    half while the caller draws the first (the values do not depend on the thread count).
 
     Randomness comes from one :class:`torch.Generator` per device, seeded with ``seed`` and saved
     in ``state_dict()``, so a run is reproducible and a resumed run continues the same stream.
@@ -208,6 +237,9 @@ class GradBoost(OptimizerWrapper):
         self._layouts: dict[tuple[torch.device, torch.dtype], _FlatLayout] = {}
         self._previous_ids: dict[tuple[torch.device, torch.dtype], tuple[int, ...]] = {}
         self._log_tables: dict[tuple[torch.device, torch.dtype, bool], Tensor] = {}
+        # Per device, the generators of the draw's halves; reseeded from the device generator at
+        # every draw, so they hold no state of their own worth saving.
+        self._chunk_gens: dict[str, list[torch.Generator]] = {}
         self._init_optimizer_base()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -230,6 +262,7 @@ class GradBoost(OptimizerWrapper):
         self._layouts = {}
         self._previous_ids = {}
         self._log_tables = {}
+        self._chunk_gens = {}
         self._init_optimizer_base()
 
     def __repr__(self) -> str:
@@ -454,26 +487,54 @@ class GradBoost(OptimizerWrapper):
         ``segments`` lists ``(start, end, bound)`` runs of the flattened elements with the clamp
         bound ``gamma2 (1 - gamma1^t)``; with several runs the tensors must be flat.
         """
-        # Random bits: every int64 from the generator feeds four elements. Each element keeps 15
-        # bits (the generator's int64 range leaves every fourth int16's top bit at 0), and the
-        # lowest is forced to 1: j is a uniform odd integer in [1, 2**15), so u = j / 2**14 is
-        # uniform on (0, 2) and never 0. With the coin toss, u < 1 (probability exactly 1/2) is
-        # k = 1, and given that -log(u) ~ Exp(1), the law of |Laplace(0, 1)|, up to a 2**-13 grid
-        # of its quantiles; log(u) > 0 is k = 0 and is clamped to zero noise below. Without the
-        # coin toss u = j / 2**15 on (0, 1) makes every element an Exp(1) draw (2**-14 grid).
-        # log(u) is looked up in a 2**15-entry table. Together this costs about a third of
-        # torch's uniform_() followed by log_(), which dominated the step on CPU.
+        # Random bits: every int64 word feeds four elements. Each element keeps 15 bits (the int64
+        # range of random_() leaves every fourth int16's top bit at 0): j is uniform on
+        # [0, 2**15) and the table holds log(u) for u = (j | 1) / 2**14, uniform on (0, 2) and never
+        # 0 (an even j reads its odd neighbour's entry, which spares a bitwise_or pass). With the
+        # coin toss, u < 1 (probability exactly 1/2) is k = 1, and given that -log(u) ~ Exp(1),
+        # the law of |Laplace(0, 1)|, up to a 2**-13 grid of its quantiles; log(u) > 0 is k = 0
+        # and is clamped to zero noise below. Without the coin toss u = (j | 1) / 2**15 on (0, 1)
+        # makes every element an Exp(1) draw (2**-14 grid). This costs about a third of torch's
+        # uniform_() followed by log_(), which dominated the step on CPU.
+        #
+        # Both the CPU generator and index_select run on one core, so the words come in
+        # _NOISE_CHUNKS halves, each from its own generator seeded by the device generator for
+        # this draw; with more than one intra-op thread the halves are drawn and looked up side by
+        # side. The draws do not depend on the thread count.
         numel = work.numel()
-        bits.random_(generator=generator)
-        draws = bits.view(torch.int16)[:numel]
-        draws.bitwise_and_(0x7FFF).bitwise_or_(1)
+        words = bits.numel()
         flat_spare = spare.view(-1)
         if spare.element_size() >= 4:
             index = flat_spare.view(torch.int32)[:numel]
         else:
             index = torch.empty(numel, device=work.device, dtype=torch.int32)
-        index.copy_(draws)
-        torch.index_select(self._log_table(work.device, work.dtype), 0, index, out=work.view(-1))
+        table = self._log_table(work.device, work.dtype)
+        out = work.view(-1)
+        seeds = torch.empty(_NOISE_CHUNKS, device=bits.device, dtype=torch.int64)
+        seeds = seeds.random_(generator=generator).tolist()
+        chunk_generators = self._chunk_generators(bits.device)
+        half = (words + 1) // 2
+
+        def draw(chunk: int) -> None:
+            lo, hi = (0, half) if chunk == 0 else (half, words)
+            if lo == hi:
+                return
+            gen = chunk_generators[chunk]
+            gen.manual_seed(seeds[chunk])
+            bits[lo:hi].random_(generator=gen)
+            start, end = 4 * lo, min(4 * hi, numel)
+            index[start:end].copy_(bits.view(torch.int16)[start:end].bitwise_and_(0x7FFF))
+            torch.index_select(table, 0, index[start:end], out=out[start:end])
+
+        if work.device.type == "cpu" and numel >= _PARALLEL_NUMEL and torch.get_num_threads() > 1:
+            pending = _worker_pool().submit(draw, 1)
+            try:
+                draw(0)
+            finally:
+                pending.result()
+        else:
+            draw(0)
+            draw(1)
         # spare <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
         # (1 - gamma1^t) |psi| >= 0 where k = 1, and <= 0 (clamped to 0) where k = 0. The bias
         # correction stays folded into the clamp bound and the final scale: no pass of its own.
@@ -486,11 +547,11 @@ class GradBoost(OptimizerWrapper):
                 work[start:end].clamp_(0.0, bound)
 
     def _log_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """log(j * 2**-14) (coin toss) or log(j * 2**-15) for odd j < 2**15, indexed by j."""
+        """log((j | 1) * 2**-14) (coin toss) or log((j | 1) * 2**-15) for j < 2**15, indexed by j."""
         key = (device, dtype, self._coin_toss)
         table = self._log_tables.get(key)
         if table is None:
-            # Even entries are never indexed; they hold their odd neighbour's value, not -inf.
+            # An even j reads its odd neighbour's value (log(0) would be -inf).
             j = torch.arange(2**15, device=device, dtype=torch.int32).bitwise_or_(1)
             table = torch.log(j.to(dtype) * (2.0**-14 if self._coin_toss else 2.0**-15))
             self._log_tables[key] = table
@@ -536,6 +597,13 @@ class GradBoost(OptimizerWrapper):
             self.boost_state[p]["exp_min"] = vmin
         self._layouts[key] = layout
         return layout
+
+    def _chunk_generators(self, device: torch.device) -> list[torch.Generator]:
+        gens = self._chunk_gens.get(str(device))
+        if gens is None:
+            gens = [torch.Generator(device=device) for _ in range(_NOISE_CHUNKS)]
+            self._chunk_gens[str(device)] = gens
+        return gens
 
     def _generator(self, device: torch.device) -> torch.Generator:
         name = str(device)
