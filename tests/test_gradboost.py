@@ -491,3 +491,64 @@ def _advanced(generator, numel, draws):
     for _ in range(draws):
         _documented_words(numel, generator)
     return generator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_matches_unfused(dtype):
+    """fused=True (one torch.compile kernel) follows the same equations and random stream: equal
+    to the unfused path up to rounding, through the collect phase, the boost phase and a step
+    with mixed step counts (which takes the unfused path)."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(30, 7), (50,)]
+    runs = []
+    for fused in (False, True):
+        params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+        opt = GradBoost(torch.optim.SGD(params, lr=0.1, momentum=0.9), clamp=0.05, seed=3, fused=fused)
+        runs.append((params, opt))
+    late = [nn.Parameter(torch.zeros(20, dtype=dtype)) for _ in runs]
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-15}
+    for step in range(7):
+        grads = [torch.randn(s, generator=gen, dtype=dtype) * 0.02 for s in shapes]
+        extra = torch.randn(20, generator=gen, dtype=dtype) * 0.02
+        for (params, opt), lp in zip(runs, late):
+            if step == 2:
+                opt.set_phase("boost")
+            if step == 4:
+                opt.add_param_group({"params": [lp]})
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            lp.grad = extra.clone() if step >= 4 else None
+            opt.step()
+        (p0, o0), (p1, o1) = runs
+        for a, b in zip(p0 + [late[0]], p1 + [late[1]]):
+            torch.testing.assert_close(a, b, **tol)
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, **tol)
+        for a, b in zip(p0, p1):
+            for x, y in zip(o0.statistics(a), o1.statistics(b)):
+                torch.testing.assert_close(x, y, **tol)
+    assert o1.boost_state[p1[0]]["boost_step"] == 5 and (p1[0].grad != 0).any()
+    # The fused optimizer's state dict loads into an unfused one and vice versa.
+    o0.load_state_dict(copy.deepcopy(o1.state_dict()))
+
+
+def test_fused_argument_and_compile_failure(monkeypatch):
+    from frostnet.optim import gradboost
+
+    p = nn.Parameter(torch.zeros(5))
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        GradBoost(torch.optim.SGD([p], lr=0.1), fused=1)
+
+    def broken(*args, **kwargs):
+        def fail(*a):
+            raise OSError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(gradboost, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    opt = GradBoost(torch.optim.SGD([p], lr=0.1), fused=True)
+    p.grad = torch.ones(5)
+    with pytest.raises(RuntimeError, match=r"\(fused=True\) could not run its statistics kernel.*no C\+\+ compiler.*fused=False"):
+        opt.step()
+    # Nothing was lost: no step counted, the wrapped optimizer did not step.
+    assert opt.boost_state[p]["step"] == 0 and torch.equal(p.detach(), torch.zeros(5))

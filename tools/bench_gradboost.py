@@ -7,6 +7,7 @@ load from other processes hits both alike, and the median over the timed iterati
     python tools/bench_gradboost.py                                  # frostnet_small_1_0, SGD
     python tools/bench_gradboost.py --optimizers sgd adamw --iters 30 --threads 2
     python tools/bench_gradboost.py --model torchvision:mobilenet_v3_small --phase collect
+    python tools/bench_gradboost.py --optimizers sgd adamw --fused   # GradBoost(fused=True)
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--phase", choices=PHASES, default="boost",
         help="GradBoost phase to measure (default: boost)",
+    )
+    parser.add_argument(
+        "--fused", action="store_true",
+        help="GradBoost(fused=True): statistics and noise as one torch.compile kernel",
     )
     parser.add_argument("--iters", type=int, default=20,
                         help="timed steps per variant (default 20)")
@@ -107,7 +112,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     print(
         f"model {args.model}: {n_params / 1e6:.2f}M parameters, batch {args.batch_size}x3x"
         f"{args.image_size}x{args.image_size}, {torch.get_num_threads()} threads, "
-        f"GradBoost phase {args.phase!r}, median of {args.iters} steps after {args.warmup} warm-up"
+        f"GradBoost phase {args.phase!r}{' fused' if args.fused else ''}, median of {args.iters} steps after {args.warmup} warm-up"
     )
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -118,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             replica = copy.deepcopy(model)
             optimizer = OPTIMIZERS[opt_name](list(replica.parameters()), args.lr)
             if boosted:
-                optimizer = GradBoost(optimizer, seed=args.seed, phase=args.phase)
+                optimizer = GradBoost(optimizer, seed=args.seed, phase=args.phase, fused=args.fused)
             samples = {f"{clock}_{part}": [] for clock in clocks for part in ("step", "opt")}
             variants[boosted] = (replica, optimizer, samples)
 

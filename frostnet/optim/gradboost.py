@@ -189,9 +189,16 @@ class GradBoost(OptimizerWrapper):
         phase: Initial phase, ``"collect"`` (statistics only, the StatAssist FP phase; the
             default, so no noise is added until ``set_phase("boost")``) or ``"boost"``
             (statistics and noise).
+        fused: Run the statistics and the noise arithmetic of each (device, dtype) bucket as one
+            kernel compiled by :func:`torch.compile` instead of about ten element-wise passes
+            (the draw itself stays eager, so the random stream is the same). It needs a working
+            ``torch.compile`` backend (a C++ compiler on CPU); the first step compiles for a few
+            seconds. Results equal the unfused ones up to floating-point rounding. Steps whose
+            bucket mixes parameters with different step counts take the unfused path.
 
     Raises:
-        TypeError: If ``optimizer`` is not a supported optimizer or ``coin_toss`` is not a bool.
+        TypeError: If ``optimizer`` is not a supported optimizer or ``coin_toss`` or ``fused`` is
+            not a bool.
         ValueError: If a hyper-parameter is out of range or ``phase`` is unknown.
     """
 
@@ -205,6 +212,7 @@ class GradBoost(OptimizerWrapper):
         coin_toss: bool = True,
         seed: int = 0,
         phase: str = "collect",
+        fused: bool = False,
     ) -> None:
         if isinstance(optimizer, GradBoost):
             raise TypeError("optimizer is already a GradBoost; wrap the inner optimizer only once")
@@ -225,6 +233,9 @@ class GradBoost(OptimizerWrapper):
         self._coin_toss = _check_coin_toss(coin_toss)
         self._seed = _check_seed(seed)
         self._phase = _check_phase(phase)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool (True or False), got {fused!r}")
+        self._fused = fused
         # Per-parameter GradBoost statistics, kept apart from the wrapped optimizer's state:
         # torch optimizers initialise their own state when theirs is empty, so foreign keys in it
         # would break them.
@@ -252,6 +263,7 @@ class GradBoost(OptimizerWrapper):
             "_coin_toss": self._coin_toss,
             "_seed": self._seed,
             "_phase": self._phase,
+            "_fused": self._fused,
             "boost_state": self.boost_state,
             "_generators": self._generators,
             "_pending_generator_states": self._pending_generator_states,
@@ -270,7 +282,7 @@ class GradBoost(OptimizerWrapper):
         return (
             f"GradBoost(decay={self._decay}, clamp={self._clamp}, "
             f"noise_decay={self._noise_decay}, coin_toss={self._coin_toss}, seed={self._seed}, "
-            f"phase={self._phase!r},\n{inner}\n)"
+            f"phase={self._phase!r}, fused={self._fused},\n{inner}\n)"
         )
 
     # -- hyper-parameters and phase --------------------------------------------------------------
@@ -397,6 +409,23 @@ class GradBoost(OptimizerWrapper):
             self._boost_bucket(device, dtype, params)
 
     def _boost_bucket(self, device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> None:
+        try:
+            self._boost_bucket_unguarded(device, dtype, params)
+        except RuntimeError:
+            # A fused kernel that cannot compile fails before touching the statistics: take the
+            # step counts back so that the step is not half counted.
+            if self._fused:
+                for p in params:
+                    st = self.boost_state[p]
+                    if st.get("step"):
+                        st["step"] -= 1
+                        if self._phase == "boost":
+                            st["boost_step"] -= 1
+            raise
+
+    def _boost_bucket_unguarded(
+        self, device: torch.device, dtype: torch.dtype, params: list[Tensor]
+    ) -> None:
         boost = self._phase == "boost"
         layout = self._layout_for(device, dtype, params)
         states = [self.boost_state[p] for p in params]
@@ -413,8 +442,12 @@ class GradBoost(OptimizerWrapper):
             # Fast path: the bucket as one flat tensor, so that each operation is one kernel over
             # all elements instead of one small kernel per parameter.
             torch._foreach_copy_(layout.grad_views, grads)
-            self._update_statistics(layout.grad, layout.exp_max, layout.exp_min, layout.work)
             if generator is None:
+                if self._fused:
+                    _run_compiled("statistics", layout.grad, layout.exp_max, layout.exp_min,
+                                  self._scalar(1.0 - self._decay, device, dtype))
+                else:
+                    self._update_statistics(layout.grad, layout.exp_max, layout.exp_min, layout.work)
                 return
             if layout.sign is None:
                 layout.allocate_noise_buffers()
@@ -433,6 +466,19 @@ class GradBoost(OptimizerWrapper):
                     segments.append((start, end, bound))
                 start = end
                 scales.append((1.0 - self._noise_decay) ** st["boost_step"] / correction)
+            if self._fused and len(segments) == 1 and len(set(scales)) == 1:
+                # One compiled kernel: statistics, noise and the boosted gradient in layout.grad,
+                # with log(u) drawn into layout.work and layout.sign's memory as the index.
+                index = layout.sign.view(-1).view(torch.int32)[: layout.work.numel()] \
+                    if layout.sign.element_size() >= 4 else None
+                self._draw_log_u(layout.work, index, layout.bits, generator)
+                _run_compiled("boost", layout.grad, layout.exp_max, layout.exp_min, layout.work,
+                              self._scalar(1.0 - self._decay, device, dtype),
+                              self._scalar(segments[0][2], device, dtype),
+                              self._scalar(scales[0], device, dtype))
+                torch._foreach_copy_(grads, layout.grad_views)
+                return
+            self._update_statistics(layout.grad, layout.exp_max, layout.exp_min, layout.work)
             # sign(g) first: the gathered gradient's buffer is then free for the noise draw.
             torch.sign(layout.grad, out=layout.sign)
             self._noise_magnitude(layout.exp_max, layout.exp_min, layout.work, layout.grad,
@@ -487,6 +533,28 @@ class GradBoost(OptimizerWrapper):
         ``segments`` lists ``(start, end, bound)`` runs of the flattened elements with the clamp
         bound ``gamma2 (1 - gamma1^t)``; with several runs the tensors must be flat.
         """
+        flat_spare = spare.view(-1)
+        index = flat_spare.view(torch.int32)[: work.numel()] if spare.element_size() >= 4 else None
+        self._draw_log_u(work, index, bits, generator)
+        # spare <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
+        # (1 - gamma1^t) |psi| >= 0 where k = 1, and <= 0 (clamped to 0) where k = 0. The bias
+        # correction stays folded into the clamp bound and the final scale: no pass of its own.
+        torch.sub(exp_min, exp_max, out=spare)
+        work.mul_(spare)
+        if len(segments) == 1:
+            work.clamp_(0.0, segments[0][2])
+        else:
+            for start, end, bound in segments:
+                work[start:end].clamp_(0.0, bound)
+
+    def _draw_log_u(
+        self, work: Tensor, index: Tensor | None, bits: Tensor, generator: torch.Generator
+    ) -> None:
+        """Fill contiguous ``work`` with log(u) of fresh draws (see :meth:`_noise_magnitude`).
+
+        ``index`` is int32 scratch of ``work.numel()`` elements (None: allocated here), ``bits``
+        an int64 buffer of ``_bits_numel(work.numel())`` words.
+        """
         # Random bits: every int64 word feeds four elements. Each element keeps 15 bits (the int64
         # range of random_() leaves every fourth int16's top bit at 0): j is uniform on
         # [0, 2**15) and the table holds log(u) for u = (j | 1) / 2**14, uniform on (0, 2) and never
@@ -503,10 +571,7 @@ class GradBoost(OptimizerWrapper):
         # side. The draws do not depend on the thread count.
         numel = work.numel()
         words = bits.numel()
-        flat_spare = spare.view(-1)
-        if spare.element_size() >= 4:
-            index = flat_spare.view(torch.int32)[:numel]
-        else:
+        if index is None:
             index = torch.empty(numel, device=work.device, dtype=torch.int32)
         table = self._log_table(work.device, work.dtype)
         out = work.view(-1)
@@ -535,16 +600,12 @@ class GradBoost(OptimizerWrapper):
         else:
             draw(0)
             draw(1)
-        # spare <- m - M = -(1 - gamma1^t) b_t <= 0, so work <- log(u) (m - M) is
-        # (1 - gamma1^t) |psi| >= 0 where k = 1, and <= 0 (clamped to 0) where k = 0. The bias
-        # correction stays folded into the clamp bound and the final scale: no pass of its own.
-        torch.sub(exp_min, exp_max, out=spare)
-        work.mul_(spare)
-        if len(segments) == 1:
-            work.clamp_(0.0, segments[0][2])
-        else:
-            for start, end, bound in segments:
-                work[start:end].clamp_(0.0, bound)
+
+    @staticmethod
+    def _scalar(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+        # A 0-dim tensor rather than a Python float: the compiled kernels then never recompile
+        # for a new step's bound or scale.
+        return torch.tensor(value, device=device, dtype=dtype)
 
     def _log_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """log((j | 1) * 2**-14) (coin toss) or log((j | 1) * 2**-15) for j < 2**15, indexed by j."""
@@ -720,6 +781,47 @@ class GradBoost(OptimizerWrapper):
             }
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _statistics_kernel(grad: Tensor, exp_max: Tensor, exp_min: Tensor, weight: Tensor) -> None:
+    # M <- max(M, lerp(M, g, 1 - gamma1)) is gamma1 M + (1 - gamma1) max(M, g) (eq. 5 with
+    # Algorithm 3's max), written so that the compiler emits one pass; likewise for m.
+    exp_max.copy_(torch.maximum(exp_max, torch.lerp(exp_max, grad, weight)))
+    exp_min.copy_(torch.minimum(exp_min, torch.lerp(exp_min, grad, weight)))
+
+
+def _boost_kernel(
+    grad: Tensor, exp_max: Tensor, exp_min: Tensor, log_u: Tensor, weight: Tensor, bound: Tensor,
+    scale: Tensor,
+) -> None:
+    # The unfused path's arithmetic (statistics, noise magnitude, sign, scale) in one kernel.
+    new_max = torch.maximum(exp_max, torch.lerp(exp_max, grad, weight))
+    new_min = torch.minimum(exp_min, torch.lerp(exp_min, grad, weight))
+    noise = torch.minimum((log_u * (new_min - new_max)).clamp(min=0.0), bound)
+    exp_max.copy_(new_max)
+    exp_min.copy_(new_min)
+    grad.add_(torch.sign(grad) * noise * scale)
+
+
+_KERNELS: Final[dict[str, Callable[..., None]]] = {
+    "statistics": _statistics_kernel,
+    "boost": _boost_kernel,
+}
+_compiled: dict[str, Callable[..., None]] = {}
+
+
+def _run_compiled(name: str, *args: Tensor) -> None:
+    """Run a fused kernel, compiling it with torch.compile on first use."""
+    kernel = _compiled.get(name)
+    if kernel is None:
+        kernel = _compiled[name] = torch.compile(_KERNELS[name], fullgraph=True)
+    try:
+        kernel(*args)
+    except Exception as e:  # compiler missing or broken: say what to do instead
+        raise RuntimeError(
+            f"GradBoost(fused=True) could not run its {name} kernel through torch.compile "
+            f"({type(e).__name__}: {e}); construct GradBoost with fused=False"
+        ) from e
 
 
 def _bits_numel(numel: int) -> int:

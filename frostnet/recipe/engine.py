@@ -108,7 +108,7 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch:
             rate_momentum=methods["tr_momentum"], eta=methods["tr_eta"])
     if args.mode == "statassist+gradboost":
         opt = GradBoost(opt, decay=args.gb_decay, clamp=args.gb_clamp, noise_decay=args.gb_noise_decay,
-                        coin_toss=args.gb_coin_toss, seed=args.seed)
+                        coin_toss=args.gb_coin_toss, seed=args.seed, fused=args.gb_fused)
     return opt
 
 
