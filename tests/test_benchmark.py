@@ -60,6 +60,32 @@ def test_optimize_for_inference_is_bitwise_equal(backend):
             assert torch.equal(fast(x), int8(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dilated_depthwise_split_is_bitwise_equal_and_used_on_x86(backend):
+    """LR-ASPP's output-stride-16 stage has dilated depthwise convolutions, which x86 runs through a
+    slow generic kernel: optimize_for_inference swaps them for undilated ones on phase-split input
+    (x86 only; qnnpack's dilated path is faster than the split one) with the same outputs."""
+    from frostnet.quant._eager import split_dilated_depthwise
+
+    torch.manual_seed(0)
+    model = frostnet.get_model("lraspp_mobilenet_v3_small_re", num_classes=3).eval()
+    g = torch.Generator().manual_seed(1)
+    int8 = quant.quantize_ptq(model, [torch.randn(2, 3, 64, 96, generator=g)], backend)
+    split, names = split_dilated_depthwise(int8)
+    assert names and split is not int8
+    assert all(type(int8.get_submodule(n)).__name__ in ("Conv2d", "ConvReLU2d") for n in names)
+    assert split_dilated_depthwise(split)[1] == []  # nothing dilated is left
+    with quant.use_engine(backend), torch.no_grad():
+        # 64x96 gives a 4x6 map at output stride 16 (split); 80x80 a 5x5 one (odd: the dilated path)
+        for shape in ((2, 3, 64, 96), (1, 3, 80, 80)):
+            x = torch.randn(*shape, generator=g)
+            assert torch.equal(split(x)["out"], int8(x)["out"])
+        example = torch.randn(1, 3, 64, 96, generator=g)
+        fast = quant.optimize_for_inference(int8, example, backend=backend)
+        assert torch.equal(fast(example)["out"], int8(example)["out"])
+    assert ("aten::pixel_unshuffle" in str(fast.graph)) == (backend == "x86")
+
+
 def test_optimize_for_inference_float_model_within_tolerance():
     model = frostnet.get_model(ARCH, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -209,3 +209,33 @@ def test_statassist_hands_new_quantizer_parameters_to_the_optimizer():
     assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in quant.ewgs_parameters(model)}
     with pytest.raises(ValueError, match="qparam_group must index one of the optimizer's 1 parameter groups, got 3"):
         StatAssist(model, torch.optim.SGD(model.parameters(), lr=0.1), qparam_group=3)
+
+
+def test_ablation_commands_and_table_from_logs(tmp_path):
+    tool = _tool("ablation")
+    args = tool.get_args_parser().parse_args(["--table", "--runs", str(tmp_path), "--seeds", "0,1"])
+    runs = tool.commands(args)
+    names = [d.name for d, _ in runs]
+    # five rows per seed, plus the FP pre-training of the QAT fine-tune row, which comes first
+    assert len(runs) == 2 * 6
+    assert names.index("frostnet_small_0_5.fp.4ep.seed1") < names.index("frostnet_small_0_5.qat-finetune.seed1")
+    argv = dict(runs)[tmp_path / "frostnet_small_0_5.qat-finetune.seed1"]
+    assert argv[argv.index("--init") + 1] == str(
+        tmp_path / "frostnet_small_0_5.fp.4ep.seed1" / "export" / "frostnet_small_0_5.fashion_mnist.fp32.safetensors")
+    assert argv[argv.index("--epochs") + 1] == "1" and float(argv[argv.index("--lr") + 1]) == pytest.approx(0.004)
+    sagb = dict(runs)[tmp_path / "frostnet_small_0_5.statassist_gradboost.seed0"]
+    assert {"--mode", "statassist+gradboost", "--fp-epochs", "1", "--clip-grad", "--resume"} <= set(sagb)
+    assert sagb[sagb.index("--epochs") + 1] == "5" and sagb[sagb.index("--threads") + 1] == "1"
+    for seed, top1 in ((0, 85.0), (1, 87.0)):
+        d = tmp_path / f"frostnet_small_0_5.statassist_gradboost.seed{seed}"
+        d.mkdir()
+        final = {"fp32_top1": 88.0, "fake_quant_top1": top1, "int8_x86_top1": top1 - 1, "int8_qnnpack_top1": top1 - 2}
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n" + json.dumps({"final": final}) + "\n")
+    d = tmp_path / "frostnet_small_0_5.fp.seed0"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"final": {"fp32_top1": 90.5, "int8_x86_top1": 90.25}}) + "\n")
+    lines = tool.table(args).splitlines()
+    assert lines[0].startswith("frostnet_small_0_5, Fashion-MNIST test split (10k), 5 epochs per row, lr 0.04, seeds 0,1")
+    assert "| StatAssist + GradBoost | 88.00 ± 0.00 | 86.00 ± 1.41 | 85.00 ± 1.41 | 84.00 ± 1.41 | 2/2 |" in lines
+    assert "| FP training (INT8 = PTQ) | 90.50 | - | 90.25 | - | 1/2 |" in lines
+    assert "| QAT from scratch | - | - | - | - | 0/2 |" in lines

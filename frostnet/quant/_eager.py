@@ -511,3 +511,79 @@ def quantized_skeleton(model: nn.Module, backend: str) -> nn.Module:
 
 
 __all__ += ["int8_state_from_tensors", "int8_state_to_tensors", "quantized_skeleton", "weight_qscheme"]
+
+
+# ------------------------------------------------------------------ dilated depthwise convolutions
+
+
+class _SpaceToDepthDepthwise(nn.Module):
+    """A converted dilated depthwise convolution run as an undilated one on phase-split input.
+
+    The x86 and qnnpack kernels have fast paths only for undilated depthwise convolutions; a
+    dilated one (the output-stride-16 stages of the LR-ASPP backbones) falls back to a generic
+    kernel that is tens of times slower than the float convolution. With dilation ``d``, stride 1
+    and "same" padding ``d (k - 1) / 2``, every phase ``(a, b)`` of the input
+    (``x[..., a::d, b::d]``) is convolved with the same kernel undilated: ``pixel_unshuffle``
+    moves the ``d * d`` phases into channels, an undilated depthwise convolution with each channel's
+    weights repeated ``d * d`` times runs on them, ``pixel_shuffle`` interleaves the result. The
+    integer weights, bias and requantization are the original's, so the arithmetic is the same.
+    """
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        d = conv.dilation[0]
+        channels = conv.in_channels * d * d
+        weight = conv.weight()
+        reps = torch.repeat_interleave
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            expanded = torch._make_per_channel_quantized_tensor(
+                reps(weight.int_repr(), d * d, 0), reps(weight.q_per_channel_scales(), d * d),
+                reps(weight.q_per_channel_zero_points(), d * d), 0)
+        else:
+            expanded = torch._make_per_tensor_quantized_tensor(
+                reps(weight.int_repr(), d * d, 0), weight.q_scale(), weight.q_zero_point())
+        bias = conv.bias()
+        self.expanded = type(conv)(channels, channels, conv.kernel_size, stride=1,
+                                   padding=tuple((k - 1) // 2 for k in conv.kernel_size), groups=channels,
+                                   bias=bias is not None)
+        self.expanded.set_weight_bias(expanded, None if bias is None else reps(bias, d * d))
+        self.expanded.scale, self.expanded.zero_point = conv.scale, conv.zero_point
+        self.dilated = conv  # for inputs whose height or width is not a multiple of d
+        self.d = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % self.d or x.shape[-1] % self.d:
+            return self.dilated(x)
+        return torch.pixel_shuffle(self.expanded(torch.pixel_unshuffle(x, self.d)), self.d)
+
+
+def _is_rewritable_dilated_depthwise(m: nn.Module) -> bool:
+    if type(m) not in (torch.ao.nn.quantized.Conv2d, torch.ao.nn.intrinsic.quantized.ConvReLU2d):
+        return False
+    d = m.dilation[0]
+    return (d > 1 and m.dilation == (d, d) and m.stride == (1, 1) and m.padding_mode == "zeros"
+            and m.groups == m.in_channels == m.out_channels
+            and m.padding == tuple(d * (k - 1) // 2 for k in m.kernel_size)
+            and all(k % 2 == 1 for k in m.kernel_size))
+
+
+def split_dilated_depthwise(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of a converted model whose dilated depthwise convolutions run undilated on
+    phase-split input (see :class:`_SpaceToDepthDepthwise`), and the names of those modules.
+
+    Returns ``(model, [])`` (the model itself, not a copy) when there is nothing to rewrite.
+    """
+    split = {n for n, m in model.named_modules() if isinstance(m, _SpaceToDepthDepthwise)}
+    names = [n for n, m in model.named_modules()
+             if _is_rewritable_dilated_depthwise(m) and n.rpartition(".")[0] not in split]
+    if not names:
+        return model, []
+    model = copy.deepcopy(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _SpaceToDepthDepthwise(getattr(parent, child)))
+    return model, names
+
+
+__all__ += ["split_dilated_depthwise"]
