@@ -548,13 +548,18 @@ class _SpaceToDepthDepthwise(nn.Module):
                                    bias=bias is not None)
         self.expanded.set_weight_bias(expanded, None if bias is None else reps(bias, d * d))
         self.expanded.scale, self.expanded.zero_point = conv.scale, conv.zero_point
-        self.dilated = conv  # for inputs whose height or width is not a multiple of d
         self.d = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.d or x.shape[-1] % self.d:
-            return self.dilated(x)
-        return torch.pixel_shuffle(self.expanded(torch.pixel_unshuffle(x, self.d)), self.d)
+        d = self.d
+        height, width = x.shape[-2:]
+        # Height and width must be multiples of d: pad the bottom and right with real zeros (the
+        # zero point), which is what the original's zero padding sees there, and crop after.
+        pad_h, pad_w = -height % d, -width % d
+        if pad_h or pad_w:
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        y = torch.pixel_shuffle(self.expanded(torch.pixel_unshuffle(x, d)), d)
+        return y[..., :height, :width].contiguous() if pad_h or pad_w else y
 
 
 def _is_rewritable_dilated_depthwise(m: nn.Module) -> bool:
@@ -567,22 +572,39 @@ def _is_rewritable_dilated_depthwise(m: nn.Module) -> bool:
             and all(k % 2 == 1 for k in m.kernel_size))
 
 
-def split_dilated_depthwise(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def split_dilated_depthwise(
+    model: nn.Module, example_inputs: Optional[tuple[torch.Tensor, ...]] = None
+) -> tuple[nn.Module, list[str]]:
     """A copy of a converted model whose dilated depthwise convolutions run undilated on
     phase-split input (see :class:`_SpaceToDepthDepthwise`), and the names of those modules.
 
-    Returns ``(model, [])`` (the model itself, not a copy) when there is nothing to rewrite.
+    The split form runs x86's depthwise kernel instead of its generic one, and the two can round a
+    requantization tie differently (one quantization step, seen in ESPNetV2). With
+    ``example_inputs``, each convolution is split only if its split form reproduces its output on
+    the input it gets from the examples. Returns ``(model, [])`` (the model itself, not a copy)
+    when there is nothing to split.
     """
-    split = {n for n, m in model.named_modules() if isinstance(m, _SpaceToDepthDepthwise)}
-    names = [n for n, m in model.named_modules()
-             if _is_rewritable_dilated_depthwise(m) and n.rpartition(".")[0] not in split]
+    names = [n for n, m in model.named_modules() if _is_rewritable_dilated_depthwise(m)]
+    splits = {n: _SpaceToDepthDepthwise(model.get_submodule(n)) for n in names}
+    if example_inputs is not None and names:
+        seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: seen[n].append((args[0], out))) for n in names]
+        try:
+            with torch.no_grad():
+                model(*example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            names = [n for n in names if seen[n] and all(
+                torch.equal(splits[n](x).int_repr(), y.int_repr()) for x, y in seen[n])]
     if not names:
         return model, []
     model = copy.deepcopy(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, _SpaceToDepthDepthwise(getattr(parent, child)))
+        setattr(model.get_submodule(parent_name), child, copy.deepcopy(splits[name]))
     return model, names
 
 
