@@ -173,3 +173,33 @@ def test_observer_and_bn_freezing_helpers():
     quant.enable_observer(model)
     model(x * 3)
     assert not torch.equal(fq.scale, scale)
+
+
+def test_scalar_only_floatfunctionals_convert_without_observer_warnings():
+    """HardSigmoid's add_scalar/mul_scalar never observe (INT8 shifts the zero point/scale
+    instead), so convert gives their marked observers a neutral range rather than warn; an
+    unmarked FloatFunctional that calibration never reached still warns."""
+    import warnings
+
+    model = frostnet.get_model("lraspp_mobilenet_v3_small_re", num_classes=3).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int8 = quant.quantize_ptq(model, [torch.randn(1, 3, 64, 96)], "x86")
+    assert not [w for w in caught if "must run observer" in str(w.message)]
+    with torch.no_grad():
+        assert int8(torch.randn(1, 3, 64, 96))["out"].shape == (1, 3, 64, 96)
+
+    class Unreached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = quant.QuantStub(), quant.DeQuantStub()
+            self.add = quant.FloatFunctional()  # never called below
+
+        def forward(self, x):
+            return self.dequant(self.quant(x))
+
+        def fuse_model(self, is_qat=None):
+            pass
+
+    with pytest.warns(UserWarning, match="must run observer"):
+        quant.quantize_ptq(Unreached().eval(), [torch.randn(2, 4)], "x86")

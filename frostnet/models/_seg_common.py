@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import FloatFunctional, fuse_modules
+from ..quant import FloatFunctional, fuse_modules, scalar_only
 from ._layers import fuse_conv_bn_act
 
 __all__ = [
@@ -38,8 +38,8 @@ class HardSigmoid(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.shift = FloatFunctional()
-        self.scale = FloatFunctional()
+        self.shift = scalar_only(FloatFunctional())
+        self.scale = scalar_only(FloatFunctional())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale.mul_scalar(F.relu6(self.shift.add_scalar(x, 3.0)), 1.0 / 6.0)

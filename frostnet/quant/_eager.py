@@ -55,6 +55,7 @@ __all__ = [
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
+    "scalar_only",
     "use_engine",
 ]
 
@@ -219,6 +220,33 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         model(x)
 
 
+_SCALAR_ONLY = "_frostnet_scalar_only"
+
+
+def scalar_only(ff: FloatFunctional) -> FloatFunctional:
+    """Mark a ``FloatFunctional`` that only runs ``add_scalar``/``mul_scalar``.
+
+    Those two never call the observer (in INT8 they shift the input's zero point or scale instead
+    of requantizing), so its observer has no range at conversion, which torch reports with a
+    "must run observer" warning. :func:`convert` gives a marked one's observer a neutral range
+    instead; an unmarked unobserved ``FloatFunctional`` still warns, since there it means a
+    calibration that never reached the op.
+    """
+    setattr(ff, _SCALAR_ONLY, True)
+    return ff
+
+
+def _settle_scalar_only_observers(model: nn.Module) -> None:
+    for m in model.modules():
+        if not getattr(m, _SCALAR_ONLY, False):
+            continue
+        obs = getattr(m, "activation_post_process", None)
+        obs = getattr(obs, "activation_post_process", obs)  # a fake quantize's observer
+        min_val = getattr(obs, "min_val", None)
+        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
+            obs(torch.zeros(1))  # the scale is never used by add_scalar/mul_scalar
+
+
 def convert(model: nn.Module, backend: str = "x86", *, inplace: bool = False) -> nn.Module:
     """Convert a calibrated (PTQ) or QAT-trained model to a real INT8 model for ``backend``.
 
@@ -230,6 +258,7 @@ def convert(model: nn.Module, backend: str = "x86", *, inplace: bool = False) ->
         model = copy.deepcopy(model)
     model.eval()
     torch.backends.quantized.engine = backend
+    _settle_scalar_only_observers(model)
     _ao_convert(model, inplace=True)
     return model
 
