@@ -20,7 +20,7 @@ from frostnet import hub, quant
 ROOT = Path(__file__).resolve().parents[1]
 #: The architectures whose Fashion-MNIST checkpoints this checkout publishes (FP32 + INT8 x86 +
 #: INT8 qnnpack each); a missing file or entry fails here.
-PUBLISHED = ("frostnet_small_1_0", "frostnet_large_1_0")
+PUBLISHED = ("frostnet_small_1_0", "frostnet_base_1_0", "frostnet_large_1_0")
 ENTRIES = sorted(hub.list_weights())
 FMNIST = frostnet.data.DEFAULT_FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz"
 
