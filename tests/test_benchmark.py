@@ -76,7 +76,7 @@ def test_dilated_depthwise_split_is_bitwise_equal_and_used_on_x86(backend):
     assert all(type(int8.get_submodule(n)).__name__ in ("Conv2d", "ConvReLU2d") for n in names)
     assert split_dilated_depthwise(split)[1] == []  # nothing dilated is left
     # with examples, a convolution is split only where the split form reproduces its output
-    assert split_dilated_depthwise(int8, (torch.randn(1, 3, 64, 96, generator=g),))[1] == names
+    assert split_dilated_depthwise(int8, [(torch.randn(1, 3, 64, 96, generator=g),)])[1] == names
     with quant.use_engine(backend), torch.no_grad():
         # 64x96 gives a 4x6 map at output stride 16; 80x80 a 5x5 one (padded to 6x6, then cropped)
         for shape in ((2, 3, 64, 96), (1, 3, 80, 80)):

@@ -602,26 +602,28 @@ def _is_rewritable_dilated_depthwise(m: nn.Module) -> bool:
 
 
 def split_dilated_depthwise(
-    model: nn.Module, example_inputs: Optional[tuple[torch.Tensor, ...]] = None
+    model: nn.Module, examples: Optional[Sequence[tuple[torch.Tensor, ...]]] = None
 ) -> tuple[nn.Module, list[str]]:
     """A copy of a converted model whose dilated depthwise convolutions run undilated on
     phase-split input (see :class:`_SpaceToDepthDepthwise`), and the names of those modules.
 
     The split form runs x86's depthwise kernel instead of its generic one, and the two can round a
-    requantization tie differently (one quantization step, seen in ESPNetV2). With
-    ``example_inputs``, each convolution is split only if its split form reproduces its output on
-    the input it gets from the examples. Returns ``(model, [])`` (the model itself, not a copy)
+    requantization tie differently (one quantization step, seen in ESPNetV2). With ``examples``
+    (argument tuples of the model), each convolution is split only if its split form reproduces
+    its output on every input it gets from them, so the split model's outputs on the examples are
+    the original's. Returns ``(model, [])`` (the model itself, not a copy)
     when there is nothing to split.
     """
     names = [n for n, m in model.named_modules() if _is_rewritable_dilated_depthwise(m)]
     splits = {n: _SpaceToDepthDepthwise(model.get_submodule(n)) for n in names}
-    if example_inputs is not None and names:
+    if examples is not None and names:
         seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
         hooks = [model.get_submodule(n).register_forward_hook(
             lambda mod, args, out, n=n: seen[n].append((args[0], out))) for n in names]
         try:
             with torch.no_grad():
-                model(*example_inputs)
+                for args in examples:
+                    model(*args)
         finally:
             for h in hooks:
                 h.remove()

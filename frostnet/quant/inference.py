@@ -17,7 +17,7 @@ On the x86 engine, dilated depthwise convolutions (the output-stride-16 stages o
 backbones) are also rewritten as undilated ones over phase-split input, which x86's fast depthwise
 kernels cover (LR-ASPP FrostNet-Small 1.0 at 256x512: about 12 times faster). The two kernels can
 round a requantization tie differently, so each convolution is split only where it reproduces the
-eager output on the example, and the whole rewrite is kept only if the model's outputs stay
+eager output on the example and its mirrored copy, and the whole rewrite is kept only if the model's outputs stay
 bitwise equal on the checks; on other inputs a split convolution may still differ by one
 quantization step at such a tie.
 """
@@ -181,7 +181,7 @@ def optimize_for_inference(
         # outputs are the eager model's.
         candidates = [model]
         if quantized and engine in ("x86", "fbgemm"):
-            rewritten, names = split_dilated_depthwise(model, inputs)
+            rewritten, names = split_dilated_depthwise(model, [x for x, _ in checks])
             if names:
                 candidates.insert(0, rewritten)
         for candidate in candidates:
