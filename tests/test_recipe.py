@@ -157,3 +157,26 @@ def test_ddp_two_processes_stay_bitwise_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert [l.get("replicas_in_sync") for l in lines[:2]] == [True, True]
+
+
+@needs_data
+def test_a_backend_that_refuses_the_model_does_not_lose_the_run(tmp_path, monkeypatch):
+    """qnnpack refuses adds whose scale ratio is out of its range (a diverged run's model): the
+    final record keeps the other figures and names the error, and that backend is not exported."""
+    from frostnet.recipe import engine
+
+    real_evaluate = engine.evaluate
+
+    def evaluate(model, batches):
+        if torch.backends.quantized.engine == "qnnpack" and frostnet.quant.is_quantized_model(model):
+            raise RuntimeError("Error in QNNPACK\nfailed to create QNNPACK Add operator")
+        return real_evaluate(model, batches)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    out = tmp_path / "run"
+    args = get_args_parser().parse_args(TINY + ["--mode", "qat", "--epochs", "1", "--output-dir", str(out),
+                                                "--export-backends", "x86,qnnpack"])
+    final = main(args)
+    assert "int8_x86_top1" in final and "int8_qnnpack_top1" not in final
+    assert final["int8_qnnpack_error"] == "failed to create QNNPACK Add operator"
+    assert set(final["files"]) == {"fp32", "int8_x86"}

@@ -455,8 +455,18 @@ def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: 
     calib = calibration_batches(train_b, args.calib_batches, args.seed)
     int8_models = {}
     for backend in backends:
-        int8_models[backend] = int8_for_backend(model, float_model, sa, backend, args, calib)
-        final[f"int8_{backend}_top1"] = evaluate(int8_models[backend], test_b)["top1"]
+        int8 = int8_for_backend(model, float_model, sa, backend, args, calib)
+        try:
+            final[f"int8_{backend}_top1"] = evaluate(int8, test_b)["top1"]
+        except RuntimeError as e:
+            # An engine can refuse a degenerate model (qnnpack: an add whose input-to-output scale
+            # ratio is outside [2**-14, 2**8)); keep the run's other results and say why this
+            # backend has none, instead of losing the whole run at its last step.
+            final[f"int8_{backend}_error"] = str(e).strip().splitlines()[-1][:300]
+            print(f"INT8 {backend}: no result, the engine failed on the converted model: "
+                  f"{final[f'int8_{backend}_error']}", flush=True)
+            continue
+        int8_models[backend] = int8
     if args.export:
         final["files"] = export_run(args, float_model, int8_models, info, final, out / "export")
     return final
