@@ -38,7 +38,8 @@ __all__ = ["GradBoost", "PHASES"]
 
 PHASES: Final[tuple[str, ...]] = ("collect", "boost")
 
-#: The random words of a draw come in this many parts, each from its own reseeded generator.
+#: The random words of a draw come in two halves (draw() in _draw_log_u is written for two), each
+#: from its own reseeded generator.
 _NOISE_CHUNKS: Final[int] = 2
 #: Below this many elements a second thread costs more than it saves.
 _PARALLEL_NUMEL: Final[int] = 1 << 16
