@@ -954,10 +954,9 @@ def weight_levels(module: nn.Module, grid: Optional[WeightQuantGrid] = None, wei
 
     with :math:`f` the BN folding factor of fused Conv-BN layers (1 otherwise), :math:`s, z` the
     scale and zero point in the fake quantizer's buffers (per channel or per tensor): the levels
-    its last forward pass simulated. For EWGS, OCTAV and torch's unfused ``FakeQuantize`` these
-    are the integers INT8 conversion stores; torch's fused default quantizer simulates slightly
-    other qparams than it converts with (a scale about 0.4% smaller, and an affine zero point
-    for per-channel "symmetric" channels whose weights are all negative). Returned as a float tensor of integers shaped like the weight.
+    its last forward pass simulated, which are the integers INT8 conversion stores
+    (:func:`frostnet.quant.convert` converts torch's fused quantizer with these buffers too).
+    Returned as a float tensor of integers shaped like the weight.
 
     Args:
         module: a QAT layer with ``weight_fake_quant``.
