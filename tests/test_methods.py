@@ -481,3 +481,85 @@ def test_octav_observer_calibrates_post_training_quantization(backend):
     # an untrained 8-bit model is far from its float twin either way; the MSE-optimal clipping
     # does about as well as the default (histogram / min-max) observers, a wrong range far worse
     assert (out - ref).abs().mean() <= 1.25 * default_error
+
+
+# ---------------------------------------------------------------------------------------------
+# FoldTracker: fixed weight grids of Conv-BN layers stay fixed in units of the unfolded weight
+
+
+class _ConvBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = quant.QuantStub(), quant.DeQuantStub()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.relu(self.bn(self.conv(self.quant(x)))))
+
+    def fuse_model(self, is_qat=None) -> None:
+        quant.fuse_modules(self, [["conv", "bn", "relu"]], is_qat=bool(is_qat))
+
+
+def _frozen_conv_bn(qconfig=None) -> nn.Module:
+    torch.manual_seed(0)
+    model = quant.prepare_qat(_ConvBn(), "x86", weight_quant_range=(-8, 7), act_quant_range=(0, 15), qconfig=qconfig)
+    model(torch.randn(4, 3, 8, 8))
+    quant.freeze_weight_quantizer(model.conv)
+    return model
+
+
+def _move_bn(model: nn.Module) -> None:
+    """Change BN's running variance (3x larger inputs) and gamma, as training does; weights stay."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        model(3 * torch.randn(4, 3, 8, 8, generator=gen))
+    with torch.no_grad():
+        model.conv.bn.weight.mul_(torch.linspace(0.5, 1.5, 6))
+
+
+@pytest.mark.parametrize("method", ["ste", "octav", "ewgs"])
+def test_fold_tracker_keeps_the_weight_levels_while_bn_moves(method):
+    """Frozen in folded units (a disabled observer, frozen EWGS bounds), the grid moves against the
+    weights whenever BN does; the tracker keeps the integer levels of unchanged weights."""
+    qconfig = None if method == "ste" else quant.get_method_qconfig(method, "x86", weight_quant_range=(-8, 7),
+                                                                       act_quant_range=(0, 15))
+    plain, tracked = _frozen_conv_bn(qconfig), _frozen_conv_bn(qconfig)
+    tracker = quant.FoldTracker(tracked)
+    assert tracker.modules == [tracked.conv]
+    assert tracker.update() == 0  # the first call only takes the reference
+    levels = quant.weight_levels(tracked.conv)
+    for m in (plain, tracked):
+        _move_bn(m)
+    assert tracker.update() == 1
+    for m in (plain, tracked):
+        m.eval()  # the next forward pass applies the grid (torch's fused one recomputes it); BN stays
+        m(torch.randn(2, 3, 8, 8))
+        m.train()
+    assert not torch.equal(quant.weight_levels(plain.conv), levels)
+    assert torch.equal(quant.weight_levels(tracked.conv), levels)
+    # an exact resume: a new tracker with the saved references moves the grid as the old one would
+    twin = _frozen_conv_bn(qconfig)
+    twin.load_state_dict(tracked.state_dict())
+    resumed = quant.FoldTracker(twin)
+    resumed.load_state_dict(tracker.state_dict())
+    for m in (tracked, twin):
+        _move_bn(m)
+    tracker.update(), resumed.update()
+    for a, b in zip(tracked.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fold_tracker_leaves_observed_grids_and_checks_its_state():
+    model = _frozen_conv_bn()
+    quant.enable_observer(model)  # an observing quantizer re-derives its grid itself
+    tracker = quant.FoldTracker(model)
+    tracker.update()
+    _move_bn(model)
+    scale = model.conv.weight_fake_quant.scale.clone()
+    assert tracker.update() == 0 and torch.equal(model.conv.weight_fake_quant.scale, scale)
+    with pytest.raises(ValueError, match="FoldTracker state has 2 layer factors, this tracker tracks 1 layers"):
+        tracker.load_state_dict({"folds": [None, None]})
+    with pytest.raises(ValueError, match="layer 0 has 3 factors, the layer has 6 channels"):
+        tracker.load_state_dict({"folds": [torch.ones(3)]})
+    with pytest.raises(ValueError, match="pass either model or modules"):
+        quant.FoldTracker()

@@ -128,13 +128,16 @@ def test_weight_quantizers_freeze_activation_quantizers_keep_observing():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     scales = [model.conv.weight_fake_quant.scale.clone(), model.fc.weight_fake_quant.scale.clone()]
+    fold = quant.bn_fold(model.conv).abs()
     act = model.conv.activation_post_process.scale.clone()
     for x, y in batches[1:]:
         opt.zero_grad()
         F.cross_entropy(model(3 * x), y).backward()
         opt.step()
     assert int(model.conv.weight_fake_quant.observer_enabled) == 0
-    assert torch.equal(model.conv.weight_fake_quant.scale, scales[0])
+    # fixed in units of the unfolded weight: the Conv-BN grid follows BN's factor, the Linear one stays
+    assert not torch.allclose(quant.bn_fold(model.conv).abs(), fold)
+    assert torch.allclose(model.conv.weight_fake_quant.scale, scales[0] * quant.bn_fold(model.conv).abs() / fold)
     assert torch.equal(model.fc.weight_fake_quant.scale, scales[1])
     assert int(model.conv.activation_post_process.observer_enabled) == 1
     assert not torch.equal(model.conv.activation_post_process.scale, act)
@@ -161,6 +164,7 @@ def test_quantized_weights_step_like_the_plain_optimizer_at_the_talr(kind):
     weights = [reference.conv.weight, reference.fc.weight]
     others = [p for p in reference.parameters() if all(p is not w for w in weights)]
     ref_opt = plain([{"params": weights, "lr": u0}, {"params": others}], lr)
+    tracker = quant.FoldTracker(reference)
     for i, (x, y) in enumerate(_batches(3)):
         for mdl, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
@@ -169,6 +173,8 @@ def test_quantized_weights_step_like_the_plain_optimizer_at_the_talr(kind):
                 for layer in (reference.conv, reference.fc):
                     quant.freeze_weight_quantizer(layer)
             o.step()
+            if mdl is reference:
+                tracker.update()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
     assert opt.layer_rates()["conv"]["U"] == u0

@@ -86,7 +86,11 @@ class TransitionRateScheduler(OptimizerWrapper):
     TR scheduling is active (otherwise levels change without the latent weights moving). With
     ``freeze_weight_qparams=True`` (default) the weight quantizers are frozen when the scheduler
     starts: EWGS intervals stop training, observer-based quantizers (torch's min/max, OCTAV) keep
-    the grid of the first QAT forward pass (OCTAV weights thus become static-OCTAV).
+    the grid of the first QAT forward pass (OCTAV weights thus become static-OCTAV). In fused
+    Conv-BN layers the frozen grid is kept fixed in units of the unfolded weight, as the paper's
+    quantizer before BN is: after every step it follows BN's folding factor
+    (:class:`frostnet.quant.FoldTracker`). Frozen in units of the folded weight, as a plain
+    disabled observer leaves it, it collapsed FrostNet-Small 0.5 (W8A8 test top-1 29.65%).
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim`` optimizer except LBFGS, Rprop, ASGD).
@@ -138,6 +142,8 @@ class TransitionRateScheduler(OptimizerWrapper):
         self._layers: list[tuple[str, nn.Module, nn.Parameter, int]] = []
         self._steps = 0
         self._freeze_pending = False
+        self._fold: Optional[quant.FoldTracker] = None
+        self._loaded_folds: dict[Tensor, Tensor] = {}
         self._init_optimizer_base()
         if model is not None:
             self.attach(model)
@@ -214,6 +220,10 @@ class TransitionRateScheduler(OptimizerWrapper):
                     quant.freeze_weight_quantizer(module)
             # Observer-based grids exist only after a forward pass: freeze them at the first step.
             self._freeze_pending = True
+            # A frozen grid of a fused Conv-BN layer must follow BN's folding factor, or it
+            # drifts against the weights and can collapse (see quant.FoldTracker).
+            self._fold = quant.FoldTracker(modules=[module for _, module, _, _ in layers])
+            self._apply_loaded_folds()
         return len(layers)
 
     def target_rate(self, step: Optional[int] = None) -> float:
@@ -285,6 +295,8 @@ class TransitionRateScheduler(OptimizerWrapper):
             st["k"] = k
             st["K"] = c["rate_momentum"] * st["K"] + (1.0 - c["rate_momentum"]) * k
             st["U"] = max(0.0, st["U"] + c["eta"] * (target - st["K"]))
+        if self._fold is not None:
+            self._fold.update()
         self._steps += 1
         return loss
 
@@ -292,7 +304,8 @@ class TransitionRateScheduler(OptimizerWrapper):
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"transition"`` entry: the settings, the step
-        count and, per attached weight (by parameter index), ``K``, ``U`` and ``k``."""
+        count and, per attached weight (by parameter index), ``K``, ``U`` and ``k``, and the BN
+        factors of the frozen Conv-BN grids."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
@@ -301,8 +314,28 @@ class TransitionRateScheduler(OptimizerWrapper):
             "config": dict(self.config),
             "steps": self._steps,
             "layers": {index[id(p)]: dict(st) for p, st in self.layer_state.items() if id(p) in index},
+            # BN factors the frozen Conv-BN grids were last synchronised to (FoldTracker)
+            "folds": {index[id(w)]: f for w, f in self._fold_refs().items() if id(w) in index},
         }
         return self._state_dict_post_hooks(state_dict)
+
+    def _fold_refs(self) -> dict[Tensor, Tensor]:
+        if self._fold is None:
+            return dict(self._loaded_folds)
+        by_module = {id(m): w for _, m, w, _ in self._layers}
+        folds = self._fold.state_dict()["folds"]
+        return {by_module[id(m)]: f for m, f in zip(self._fold.modules, folds) if f is not None}
+
+    def _apply_loaded_folds(self) -> None:
+        if self._fold is None or not self._loaded_folds:
+            return
+        by_module = {id(m): w for _, m, w, _ in self._layers}
+        folds = self._fold.state_dict()["folds"]
+        for j, m in enumerate(self._fold.modules):
+            w = by_module[id(m)]
+            if w in self._loaded_folds:
+                folds[j] = self._loaded_folds[w]
+        self._fold.load_state_dict({"folds": folds})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output (or a plain state dict of the wrapped optimizer, which
@@ -324,11 +357,16 @@ class TransitionRateScheduler(OptimizerWrapper):
                                  f"parameters are numbered 0..{len(id_map) - 1}")
         self.optimizer.load_state_dict(state_dict)
         self.layer_state = {}
+        self._loaded_folds = {}
         if saved is not None:
             self.config = config
             self._steps = int(saved["steps"])
             for idx, st in saved["layers"].items():
                 self.layer_state[id_map[int(idx)]] = {k: float(v) for k, v in st.items()}
+            for idx, f in saved.get("folds", {}).items():
+                if int(idx) in id_map:
+                    self._loaded_folds[id_map[int(idx)]] = f
+            self._apply_loaded_folds()
         else:
             self._steps = 0
         for _, _, w, gi in self._layers:

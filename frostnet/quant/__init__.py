@@ -8,6 +8,7 @@ through the names exported here.
 
 from ._eager import (
     BACKENDS,
+    act_quant_max,
     DeQuantStub,
     FloatFunctional,
     QuantStub,
@@ -33,11 +34,13 @@ from ._eager import (
 )
 from ._methods import (
     EWGSFakeQuantize,
+    FoldTracker,
     OCTAV_GRADIENTS,
     OctavFakeQuantize,
     OctavObserver,
     QAT_METHODS,
     WeightQuantGrid,
+    bn_fold,
     clipped_quantization_mse,
     copy_ewgs_bounds,
     ewgs_parameters,
@@ -57,6 +60,7 @@ __all__ = [
     "BACKENDS",
     "DeQuantStub",
     "EWGSFakeQuantize",
+    "FoldTracker",
     "FloatFunctional",
     "OCTAV_GRADIENTS",
     "OctavFakeQuantize",
@@ -66,7 +70,9 @@ __all__ = [
     "WeightQuantGrid",
     "calibrate",
     "check_backend",
+    "bn_fold",
     "clipped_quantization_mse",
+    "act_quant_max",
     "convert",
     "copy_ewgs_bounds",
     "disable_observer",

@@ -40,6 +40,7 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _ao_freeze_bn_stats
 
 __all__ = [
     "BACKENDS",
+    "act_quant_max",
     "DeQuantStub",
     "FloatFunctional",
     "QuantStub",
@@ -93,6 +94,12 @@ def use_engine(backend: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.quantized.engine = previous
+
+
+def act_quant_max(backend: str) -> int:
+    """The largest activation level frostnet's default INT8 qconfig uses on ``backend``."""
+    check_backend(backend)
+    return _ACT_QUANT_MAX[backend]
 
 
 def get_qconfig(

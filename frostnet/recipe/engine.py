@@ -304,6 +304,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sched = build_scheduler(opt, args, steps_per_epoch)
     trs = find_wrapped(opt, TransitionRateScheduler)
     ewgs_every = (methods["ewgs_interval"] or steps_per_epoch) if methods["qat_method"] == "ewgs" else 0
+    # EWGS learns its weight intervals on the folded weights of Conv-BN layers; they follow BN's
+    # factor after every step so that they do not collapse (quant.FoldTracker). With --talr the
+    # scheduler does this for its frozen grids.
+    track_folds = methods["qat_method"] == "ewgs" and trs is None
+    fold: Optional[quant.FoldTracker] = None
+    saved_fold: Optional[dict[str, Any]] = None
 
     start_epoch = start_batch = global_step = 0
     history: list[dict[str, Any]] = []
@@ -327,6 +333,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_rng_state(ckpt["rng"])
         start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
         history = ckpt.get("history", [])
+        saved_fold = ckpt.get("fold_tracker")
         if rank == 0:
             print(f"resumed from {resume}: epoch {start_epoch}, batch {start_batch}, phase {sa.phase}", flush=True)
 
@@ -336,6 +343,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "statassist": sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": global_step,
+            "fold_tracker": fold.state_dict() if fold is not None else None,
             "rng": torch.get_rng_state(), "args": recorded_args(args), "history": history,
             "data": {"name": info.name, "categories": info.categories},
         })
@@ -381,6 +389,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
+            if track_folds and sa.phase == "qat":
+                if fold is None:
+                    fold = quant.FoldTracker(model)
+                    if saved_fold is not None:
+                        fold.load_state_dict(saved_fold)
+                fold.update()
             sched.step()
             global_step += 1
             run_loss += loss.item() * y.numel()
@@ -472,15 +486,24 @@ def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: 
     return final
 
 
+def _trained_range_fits(args: argparse.Namespace, trained: str, target: str) -> bool:
+    _, arange = _quant_ranges(args)
+    return (arange[1] if arange else quant.act_quant_max(trained)) <= quant.act_quant_max(target)
+
+
 def int8_for_backend(model: nn.Module, float_model: nn.Module, sa: StatAssist, backend: str, args: argparse.Namespace,
                      calib: list[torch.Tensor]) -> nn.Module:
     """INT8 model for ``backend``.
 
-    QAT runs convert their own fake-quant model for the backend they trained for. For any other
-    backend (and for FP runs) the latent FP32 weights are prepared for that backend and its
-    activation ranges calibrated on ``calib`` (BN statistics and weights untouched).
+    QAT runs convert their own fake-quant model for the backend they trained for, and for any
+    other backend whose activation range holds the trained one (every engine takes the same
+    per-channel weights): x86-trained models convert for qnnpack as they are, and so do models
+    with fewer than 8 activation bits for every engine. Otherwise (qnnpack-trained 8-bit models
+    for x86, whose kernels need 7-bit activations, and FP runs) the latent FP32 weights are
+    prepared for that backend and its activation ranges calibrated on ``calib`` (BN statistics
+    and weights untouched), which at 4 bits loses the trained weight grid.
     """
-    if sa.phase == "qat" and backend == sa.backend:
+    if sa.phase == "qat" and (backend == sa.backend or _trained_range_fits(args, sa.backend, backend)):
         return quant.convert(model, backend)
     if sa.phase == "fp":
         return quant.quantize_ptq(float_model, calib, backend)
