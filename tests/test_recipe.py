@@ -180,3 +180,31 @@ def test_a_backend_that_refuses_the_model_does_not_lose_the_run(tmp_path, monkey
     assert "int8_x86_top1" in final and "int8_qnnpack_top1" not in final
     assert final["int8_qnnpack_error"] == "failed to create QNNPACK Add operator"
     assert set(final["files"]) == {"fp32", "int8_x86"}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qat_models_convert_directly_for_an_engine_whose_range_holds_theirs(bits):
+    """An x86-trained QAT model converts for qnnpack as it is (same integer weights), and below 8
+    activation bits for every engine; a qnnpack-trained 8-bit model is re-calibrated for x86, whose
+    kernels need 7-bit activations."""
+    from frostnet.recipe import engine
+
+    args = get_args_parser().parse_args(["--model", "frostnet_small_0_35", "--data", "fashion_mnist", "--mode", "qat",
+                                         "--weight-bits", str(bits), "--act-bits", str(bits)])
+    assert engine._trained_range_fits(args, "x86", "qnnpack")
+    assert engine._trained_range_fits(args, "qnnpack", "x86") == (bits < 8)
+    torch.manual_seed(0)
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    float_model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    float_model.load_state_dict(model.state_dict())
+    wr, ar = ((-8, 7), (0, 15)) if bits == 4 else (None, None)
+    sa = StatAssist(model, None, backend="x86", fp_epochs=0, weight_quant_range=wr, act_quant_range=ar)
+    sa.switch_to_qat()
+    x = torch.randn(8, 3, 32, 32)
+    model(x)
+    model.eval()
+    x86 = engine.int8_for_backend(model, float_model, sa, "x86", args, [x])
+    qnnpack = engine.int8_for_backend(model, float_model, sa, "qnnpack", args, [x])
+    a, b = x86.conv1.conv[0].weight(), qnnpack.conv1.conv[0].weight()
+    assert torch.equal(a.int_repr(), b.int_repr()) and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+    assert qnnpack.conv1.conv[0].scale == x86.conv1.conv[0].scale
