@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -62,8 +62,10 @@ def _ranges(bits: int) -> tuple[Any, Any]:
     return ((-8, 7), (0, 15)) if bits == 4 else (None, None)
 
 
-def build_variant(method: str, model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A QAT copy of ``model`` for ``method`` and its optimizer (Nesterov SGD, as the recipe's)."""
+def build_variant(method: str, model: nn.Module,
+                  args: argparse.Namespace) -> tuple[nn.Module, torch.optim.Optimizer, Optional[quant.FoldTracker]]:
+    """A QAT copy of ``model`` for ``method``, its optimizer (Nesterov SGD, as the recipe's) and,
+    for EWGS, the recipe's :class:`~frostnet.quant.FoldTracker` (TALR's is inside its scheduler)."""
     wrange, arange = _ranges(args.bits)
     replica = quant.prepare_qat(
         copy.deepcopy(model), args.backend,
@@ -77,7 +79,7 @@ def build_variant(method: str, model: nn.Module, args: argparse.Namespace) -> tu
     opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
     if method == "talr":
         opt = TransitionRateScheduler(opt, target=0.02, schedule="constant", model=replica)
-    return replica, opt
+    return replica, opt, quant.FoldTracker(replica) if method == "ewgs" else None
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -109,16 +111,18 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     clocks: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
     variants = {}
     for method in methods:
-        replica, opt = build_variant(method, model, args)
-        variants[method] = (replica, opt, {f"{c}_{part}": [] for c in clocks for part in ("step", "opt")})
+        replica, opt, tracker = build_variant(method, model, args)
+        variants[method] = (replica, opt, tracker, {f"{c}_{part}": [] for c in clocks for part in ("step", "opt")})
 
     for i in range(args.warmup + args.iters):
-        for replica, opt, samples in variants.values():
+        for replica, opt, tracker, samples in variants.values():
             start = {n: c() for n, c in clocks.items()}
             opt.zero_grad(set_to_none=True)
             criterion(replica(images), labels).backward()
             mid = {n: c() for n, c in clocks.items()}
             opt.step()
+            if tracker is not None:
+                tracker.update()
             end = {n: c() for n, c in clocks.items()}
             if i >= args.warmup:
                 for n in clocks:
@@ -136,8 +140,8 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     results: dict[str, dict[str, float]] = {}
     for n in clocks:
-        base = _median_ms(variants["ste"][2][f"{n}_step"])
-        for method, (_, _, samples) in variants.items():
+        base = _median_ms(variants["ste"][3][f"{n}_step"])
+        for method, (_, _, _, samples) in variants.items():
             step, opt_ms = _median_ms(samples[f"{n}_step"]), _median_ms(samples[f"{n}_opt"])
             row = {"step_ms": step, "optimizer_ms": opt_ms, "overhead_percent": (step / base - 1.0) * 100.0}
             line = (f"{method:>6} {n:>4}: step {step:8.2f} ms (optimizer.step {opt_ms:6.2f} ms) -> "
