@@ -95,6 +95,8 @@ def test_cli_ewgs_trains_resumes_and_exports(tmp_path, monkeypatch):
     assert max(deltas) > 0  # re-estimated every step after the first
     assert len(ckpt["optimizer"]["param_groups"]) == 3 and ckpt["optimizer"]["param_groups"][2]["params"]
     assert ckpt["args"]["qat_method"] == "ewgs"
+    # the Conv-BN intervals follow BN's factor (quant.FoldTracker), its references checkpointed
+    assert ckpt["fold_tracker"] is not None and all(f is not None for f in ckpt["fold_tracker"]["folds"])
     assert all("ewgs_delta_mean" in rec for rec in _metrics(out) if "epoch" in rec)
     models = _int8_files(final)
     w = models["qnnpack"].conv1.conv[0].weight()
