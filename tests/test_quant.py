@@ -265,3 +265,27 @@ def test_convert_reproduces_the_fake_quant_levels(backend, bits):
     assert mismatch.mean() <= (0.002 if backend == "x86" else 0.03) and (levels_fq - hidden_q.int_repr().float()).abs().max() <= 1
     step = model.conv2.activation_post_process.scale
     assert (out_fq - out_q).abs().max() <= 2 * step + 1e-6
+
+
+def test_observers_paused_leaves_a_fake_quant_model_unchanged():
+    """torch's fake quantizers observe in evaluation mode too; inside observers_paused nothing moves."""
+    from frostnet.recipe.engine import evaluate
+
+    model = quant.prepare_qat(frostnet.get_model("frostnet_small_0_35", num_classes=10), "x86")
+    model(torch.randn(4, 3, 32, 32))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with quant.observers_paused(model):
+        model(3 * torch.randn(4, 3, 32, 32))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(bool(m.observer_enabled[0]) for m in model.modules() if quant.is_fake_quant_module(m))
+
+    class Batches:
+        def epoch(self, epoch):
+            return [(3 * torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+
+    evaluate(model, Batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(3 * torch.randn(4, 3, 32, 32))  # unpaused, the same call moves the ranges
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -53,6 +53,7 @@ __all__ = [
     "fuse_modules",
     "get_qconfig",
     "is_quantized_model",
+    "observers_paused",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
@@ -345,6 +346,25 @@ def is_quantized_model(model: nn.Module) -> bool:
 def is_fake_quant_module(module: nn.Module) -> bool:
     """True for the fake-quantize modules that QAT inserts."""
     return isinstance(module, FakeQuantize)
+
+
+@contextlib.contextmanager
+def observers_paused(model: nn.Module) -> Iterator[None]:
+    """Stop the fake quantizers of ``model`` from observing inside the block (restored after).
+
+    torch's fake quantizers also observe in evaluation mode, so evaluating a QAT model moves its
+    ranges toward the evaluation data. A W4A4 FrostNet-Small 0.5 lost 12 points of validation
+    top-1 over two evaluations that way (62.8% -> 50.88%); evaluation has to leave the model as
+    it found it.
+    """
+    paused = [m for m in model.modules() if is_fake_quant_module(m) and bool(m.observer_enabled[0])]
+    for m in paused:
+        m.disable_observer()
+    try:
+        yield
+    finally:
+        for m in paused:
+            m.enable_observer()
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,15 +131,20 @@ def build_scheduler(opt: torch.optim.Optimizer, args: argparse.Namespace, steps_
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Any, epoch: int = 0) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean loss of ``model`` over ``batches.epoch(epoch)``."""
+    """Top-1 accuracy (%) and mean loss of ``model`` over ``batches.epoch(epoch)``.
+
+    A fake-quant model is evaluated with its observers paused, so the evaluation data does not
+    move its quantization ranges (``quant.observers_paused``).
+    """
     model.eval()
     correct = total = 0
     loss = 0.0
-    for x, y in batches.epoch(epoch):
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        total += y.numel()
+    with quant.observers_paused(model):
+        for x, y in batches.epoch(epoch):
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += y.numel()
     return {"top1": 100.0 * correct / max(1, total), "loss": loss / max(1, total), "n": total}
 
 
