@@ -984,8 +984,8 @@ class FoldTracker:
     reference; :meth:`state_dict` holds the references, for an exact resume.
 
     Args:
-        modules: the QAT layers to track (default: every Conv-BN layer with a weight quantizer in
-            ``model``); pass one of the two.
+        model: a QAT-prepared model: track every Conv-BN layer with a weight quantizer in it.
+        modules: or the QAT layers to track (those without BN are skipped); pass one of the two.
     """
 
     def __init__(self, model: Optional[nn.Module] = None, *, modules: Optional[Sequence[nn.Module]] = None) -> None:

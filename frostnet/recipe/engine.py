@@ -309,10 +309,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sched = build_scheduler(opt, args, steps_per_epoch)
     trs = find_wrapped(opt, TransitionRateScheduler)
     ewgs_every = (methods["ewgs_interval"] or steps_per_epoch) if methods["qat_method"] == "ewgs" else 0
-    # EWGS learns its weight intervals on the folded weights of Conv-BN layers; they follow BN's
-    # factor after every step so that they do not collapse (quant.FoldTracker). With --talr the
-    # scheduler does this for its frozen grids.
-    track_folds = methods["qat_method"] == "ewgs" and trs is None
+    # EWGS learns its weight intervals on the folded weights of Conv-BN layers, static OCTAV
+    # freezes its grid there; they follow BN's factor after every step so that they do not
+    # collapse (quant.FoldTracker). With --talr the scheduler does this for its frozen grids.
+    fixed_grids = methods["qat_method"] == "ewgs" or (methods["qat_method"] == "octav" and not methods["octav_dynamic"])
+    track_folds = fixed_grids and trs is None
     fold: Optional[quant.FoldTracker] = None
     saved_fold: Optional[dict[str, Any]] = None
 
