@@ -191,8 +191,8 @@ def test_qat_models_convert_directly_for_an_engine_whose_range_holds_theirs(bits
 
     args = get_args_parser().parse_args(["--model", "frostnet_small_0_35", "--data", "fashion_mnist", "--mode", "qat",
                                          "--weight-bits", str(bits), "--act-bits", str(bits)])
-    assert engine._trained_range_fits(args, "x86", "qnnpack")
-    assert engine._trained_range_fits(args, "qnnpack", "x86") == (bits < 8)
+    assert engine.converts_directly(args, "x86", "qnnpack")
+    assert engine.converts_directly(args, "qnnpack", "x86") == (bits < 8)
     torch.manual_seed(0)
     model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
     float_model = frostnet.get_model("frostnet_small_0_35", num_classes=10)

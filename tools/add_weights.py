@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from frostnet import hub
+from frostnet.recipe.engine import converts_directly
 from frostnet.serialization import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +56,14 @@ def main(args: argparse.Namespace) -> int:
             notes.append("fake_quant_acc@1: the QAT model's final test-split evaluation inside the training run; "
                          "acc@1: these latent FP32 weights run as a float model")
         backend = meta.get("backend")
-        if backend and final["mode"] != "fp" and backend != run["args"]["backend"]:
-            notes.append(f"INT8 for {backend}: the QAT-trained latent weights re-calibrated for {backend}'s activation "
-                         f"ranges (the run trained fake-quantized for {run['args']['backend']})")
+        trained = run["args"]["backend"]
+        if backend and final["mode"] != "fp" and backend != trained:
+            if converts_directly(argparse.Namespace(**run["args"]), trained, backend):
+                notes.append(f"INT8 for {backend}: the QAT model (trained fake-quantized for {trained}) converted as it "
+                             f"is, its activation ranges fit {backend}'s")
+            else:
+                notes.append(f"INT8 for {backend}: the QAT-trained latent weights re-calibrated for {backend}'s "
+                             f"activation ranges (the run trained fake-quantized for {trained})")
         if backend and final["mode"] == "fp":
             notes.append("INT8 by post-training quantization of the FP32 weights")
         entry_name, entry = hub.make_manifest_entry(

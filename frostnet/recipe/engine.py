@@ -492,7 +492,9 @@ def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: 
     return final
 
 
-def _trained_range_fits(args: argparse.Namespace, trained: str, target: str) -> bool:
+def converts_directly(args: argparse.Namespace, trained: str, target: str) -> bool:
+    """Whether a QAT run's model, trained fake-quantized for ``trained``, converts as it is for
+    ``target``: its activation range fits the target engine's (weights are alike on every engine)."""
     _, arange = _quant_ranges(args)
     return (arange[1] if arange else quant.act_quant_max(trained)) <= quant.act_quant_max(target)
 
@@ -509,7 +511,7 @@ def int8_for_backend(model: nn.Module, float_model: nn.Module, sa: StatAssist, b
     prepared for that backend and its activation ranges calibrated on ``calib`` (BN statistics
     and weights untouched), which at 4 bits loses the trained weight grid.
     """
-    if sa.phase == "qat" and (backend == sa.backend or _trained_range_fits(args, sa.backend, backend)):
+    if sa.phase == "qat" and (backend == sa.backend or converts_directly(args, sa.backend, backend)):
         return quant.convert(model, backend)
     if sa.phase == "fp":
         return quant.quantize_ptq(float_model, calib, backend)
