@@ -1,6 +1,10 @@
 """Build a FrostNet through torch.hub from this checkout, convert it to INT8 and compare sizes.
 
     python tools/quickstart.py [--model frostnet_small_1_0] [--backend x86]
+
+The model has random weights (an ImageNet-sized 1000-class head at 224x224; the published
+checkpoints are 10-class Fashion-MNIST models, which tools/predict.py runs), so the INT8 model is
+made by post-training quantization on random calibration inputs: a size and smoke check only.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         out = int8(x)
         t2 = time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {params / 1e6:.2f}M parameters (random weights: no checkpoint is published yet)")
+    print(f"{args.model}: {params / 1e6:.2f}M parameters (random weights, 1000-class head: a size check, not a trained model)")
     print(f"FP32 state dict {_serialized_mb(model):.1f} MB -> INT8 ({args.backend}) {_serialized_mb(int8):.1f} MB")
     print(f"one {args.size}x{args.size} image: FP32 {1e3 * (t1 - t0):.1f} ms, INT8 eager {1e3 * (t2 - t1):.1f} ms (single run, not a benchmark)")
     print(f"INT8 output: shape {tuple(out.shape)}, dtype {out.dtype}, top-1 class index {out.argmax().item()} (FP32: {ref.argmax().item()})")
