@@ -244,20 +244,22 @@ def scalar_only(ff: FloatFunctional) -> FloatFunctional:
     return ff
 
 
+def _has_range(observer: object) -> Optional[bool]:
+    """Whether a min/max observer has recorded a range (None: not a min/max observer)."""
+    min_val = getattr(observer, "min_val", None)
+    if not isinstance(min_val, torch.Tensor):
+        return None
+    return min_val.numel() > 0 and bool(torch.isfinite(min_val).all())
+
+
 def _settle_scalar_only_observers(model: nn.Module) -> None:
     for m in model.modules():
         if not getattr(m, _SCALAR_ONLY, False):
             continue
         obs = getattr(m, "activation_post_process", None)
         obs = getattr(obs, "activation_post_process", obs)  # a fake quantize's observer
-        min_val = getattr(obs, "min_val", None)
-        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
+        if _has_range(obs) is False:
             obs(torch.zeros(1))  # the scale is never used by add_scalar/mul_scalar
-
-
-def _observed(fq: FusedMovingAvgObsFakeQuantize) -> bool:
-    min_val = getattr(fq.activation_post_process, "min_val", None)
-    return isinstance(min_val, torch.Tensor) and min_val.numel() > 0 and bool(torch.isfinite(min_val).all())
 
 
 @contextlib.contextmanager
@@ -274,7 +276,8 @@ def _simulated_qparams(model: nn.Module) -> Iterator[None]:
     training simulated, so it takes the buffers. A quantizer that never observed anything keeps the
     Python path (and its "must run observer" warning).
     """
-    patched = [m for m in model.modules() if isinstance(m, FusedMovingAvgObsFakeQuantize) and _observed(m)]
+    patched = [m for m in model.modules()
+               if isinstance(m, FusedMovingAvgObsFakeQuantize) and _has_range(m.activation_post_process)]
     for m in patched:
         # an instance attribute shadows the method for the from_float calls of torch's convert
         m.calculate_qparams = _buffer_qparams(m)  # type: ignore[method-assign]
