@@ -271,8 +271,8 @@ def _simulated_qparams(model: nn.Module) -> Iterator[None]:
     observer's formula, and for symmetric weights the two disagree: the C++ one divides the
     negative half by ``-quant_min`` and the positive half by ``quant_max``, the Python one the
     largest magnitude by ``(quant_max - quant_min) / 2``. At 8 bits that is a 0.4% scale
-    difference; at 4 bits (-8..7) it is up to 7%, enough to cost an STE-trained FrostNet-Small 0.5
-    10 points of top-1 between its fake-quant and INT8 models. Conversion has to reproduce what
+    difference; at 4 bits (-8..7) it is up to 7%, enough to cost an STE-trained W4A4 FrostNet-Small
+    0.5 14 points of test top-1 between its fake-quant and INT8 models. Conversion has to reproduce what
     training simulated, so it takes the buffers. A quantizer that never observed anything keeps the
     Python path (and its "must run observer" warning).
     """
@@ -356,9 +356,8 @@ def observers_paused(model: nn.Module) -> Iterator[None]:
     """Stop the fake quantizers of ``model`` from observing inside the block (restored after).
 
     torch's fake quantizers also observe in evaluation mode, so evaluating a QAT model moves its
-    ranges toward the evaluation data. A W4A4 FrostNet-Small 0.5 lost 12 points of validation
-    top-1 over two evaluations that way (62.8% -> 50.88%); evaluation has to leave the model as
-    it found it.
+    ranges toward the evaluation data; at W4A4 that cost FrostNet-Small 0.5 runs whole points
+    between their fake-quant and INT8 figures. Evaluation has to leave the model as it found it.
     """
     paused = [m for m in model.modules() if is_fake_quant_module(m) and bool(m.observer_enabled[0])]
     for m in paused:

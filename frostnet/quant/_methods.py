@@ -972,9 +972,8 @@ class FoldTracker:
     whenever BN's statistics or :math:`\gamma` move, and it can collapse: when the folded weights
     outgrow the grid they clip, the conv output (divided by :math:`f` for the BN statistics)
     shrinks, :math:`\sigma^2` falls, :math:`f` grows, and more weights clip, until
-    :math:`\sigma^2 \ll \epsilon` and the levels sit at the ends of the range. FrostNet-Small 0.5
-    runs with EWGS and TALR reached exactly that (whole layers with
-    :math:`\sigma^2 \approx 10^{-9}`, mean weight level about 127 of 127).
+    :math:`\sigma^2 \ll \epsilon` and the levels sit at the ends of the range, which is what
+    FrostNet-Small 0.5 runs with EWGS and TALR reached.
 
     :meth:`update`, called after every optimizer step, rescales such a grid per output channel by
     :math:`|f_{now}| / |f_{synced}|` (the scale buffer of an observer-based quantizer, the upper
