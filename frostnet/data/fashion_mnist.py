@@ -566,6 +566,42 @@ def random_crop_flip(
     return x
 
 
+def random_erasing(
+    x: torch.Tensor,
+    p: float = 0.25,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+    value: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2020) per sample, batched: with probability ``p`` a rectangle
+    of area ``scale`` x the image and aspect ``ratio`` (log-uniform) is set to ``value``.
+
+    torchvision's ``v2.RandomErasing`` draws one rectangle per call from the global RNG, so on a
+    batch every sample would lose the same box and a resumed run could not redraw it; this draws
+    one box per sample from ``generator`` and applies all of them with one mask.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"random erasing probability must be in [0, 1], got {p}")
+    n, _, h, w = x.shape
+    u = torch.rand(n, 4, generator=generator)  # always drawn, so p does not shift the stream
+    if p == 0:
+        return x
+    area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * h * w
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    eh = (area * log_r.exp()).sqrt().round().clamp(1, h).long()
+    ew = (area / log_r.exp()).sqrt().round().clamp(1, w).long()
+    top = (u[:, 2] * (h - eh + 1).float()).floor().long()
+    left = (u[:, 3] * (w - ew + 1).float()).floor().long()
+    on = torch.rand(n, generator=generator) < p
+    rows = torch.arange(h)[None, :]
+    cols = torch.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (N, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (N, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None])[:, None]  # (N, 1, H, W)
+    return x.masked_fill(mask, value)
+
+
 class BatchPipeline:
     """Batched uint8 -> float input pipeline with optional train augmentation.
 
@@ -584,8 +620,11 @@ class BatchPipeline:
         mean: float = FASHION_MNIST_MEAN,
         std: float = FASHION_MNIST_STD,
         channels: int = 3,
+        erase_p: float = 0.0,
     ) -> None:
-        """See :func:`prepare_batch` and :func:`random_crop_flip` for the args."""
+        """See :func:`prepare_batch`, :func:`random_crop_flip` and :func:`random_erasing` (``erase_p``,
+        training only, applied after the crop so an erased box is black like the background)."""
+        self.erase_p = erase_p
         self.size, self.train, self.resize = size, train, resize
         self.padding, self.flip_p = padding, flip_p
         self.mean, self.std, self.channels = mean, std, channels
@@ -597,12 +636,14 @@ class BatchPipeline:
         x = _fit(_to_float_nchw(images), self.size, self.resize)
         if self.train:
             x = random_crop_flip(x, self.padding, self.flip_p, 0.0, generator)
+            if self.erase_p > 0:
+                x = random_erasing(x, self.erase_p, generator=generator)
         x = (x - self.mean) / self.std
         return x.expand(-1, self.channels, -1, -1).contiguous() if self.channels != 1 else x
 
     def __repr__(self) -> str:
         return (f"BatchPipeline(size={self.size}, train={self.train}, resize={self.resize}, "
-                f"padding={self.padding}, flip_p={self.flip_p}, channels={self.channels})")
+                f"padding={self.padding}, flip_p={self.flip_p}, channels={self.channels}, erase_p={self.erase_p})")
 
 
 class FashionMNISTTransform(BatchPipeline):

@@ -105,6 +105,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--poly-power", type=float, default=0.9, help="poly schedule power")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine schedule: final LR as a fraction of --lr")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the global gradient norm to this value (0 = off); applied before GradBoost")
+    g.add_argument("--random-erasing", type=float, default=0.0,
+                   help="Fashion-MNIST: probability of erasing a random box of each training image (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--init", default=None, help="FP32 weights file (safetensors) to start from (required by qat-finetune)")
     g.add_argument("--reset-head", action="store_true",

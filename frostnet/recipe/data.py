@@ -89,7 +89,7 @@ class LoaderBatches:
 
 def build_data(spec: str, *, input_size: int, batch_size: int, seed: int, rank: int, world: int,
                train_subset: int = 0, val_size: int = 0, eval_subset: int = 0, workers: int = 2,
-               eval_split: Optional[str] = None) -> tuple[TensorBatches | LoaderBatches, TensorBatches | LoaderBatches, DataInfo]:
+               eval_split: Optional[str] = None, erase_p: float = 0.0) -> tuple[TensorBatches | LoaderBatches, TensorBatches | LoaderBatches, DataInfo]:
     """Train batches, eval batches and a :class:`DataInfo` for a ``--data`` spec.
 
     The eval split is the held-out validation slice when ``val_size > 0``, else the test split
@@ -103,7 +103,7 @@ def build_data(spec: str, *, input_size: int, batch_size: int, seed: int, rank: 
         evals = FashionMNIST(root, split, val_size=val_size if split != "test" else 0)
         if eval_subset:
             evals.images, evals.targets = evals.images[:eval_subset], evals.targets[:eval_subset]
-        train_b = TensorBatches(train.images, train.targets, BatchPipeline(size=input_size, train=True),
+        train_b = TensorBatches(train.images, train.targets, BatchPipeline(size=input_size, train=True, erase_p=erase_p),
                                 batch_size=batch_size, shuffle=True, seed=seed, rank=rank, world=world, drop_last=True)
         # evaluation runs on the full split in every rank (it is cheap), so rank 0 reports it alone
         eval_b = TensorBatches(evals.images, evals.targets, BatchPipeline(size=input_size, train=False),
@@ -113,6 +113,8 @@ def build_data(spec: str, *, input_size: int, batch_size: int, seed: int, rank: 
                         eval_size=len(evals.targets), eval_split=split,
                         extra={"preprocessing": f"28x28 grayscale, zero-padded to {input_size}x{input_size}, replicated to 3 channels"})
         return train_b, eval_b, info
+    if erase_p:
+        raise ValueError(f"--random-erasing {erase_p} applies to fashion_mnist only, not --data {spec!r}")
     if kind == "imagefolder":
         if not arg:
             raise ValueError("--data imagefolder needs a path: imagefolder:<root with train/ and val/>")

@@ -297,7 +297,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     train_b, eval_b, info = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
                                        rank=rank, world=world, train_subset=args.train_subset, val_size=args.val_size,
-                                       eval_subset=args.eval_subset, workers=args.workers)
+                                       eval_subset=args.eval_subset, workers=args.workers,
+                                       erase_p=getattr(args, "random_erasing", 0.0))
     model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout).to(device)
     if args.init:
         load_init(model, args.init, reset_head=args.reset_head, verbose=rank == 0)
