@@ -167,10 +167,10 @@ def test_a_backend_that_refuses_the_model_does_not_lose_the_run(tmp_path, monkey
 
     real_evaluate = engine.evaluate
 
-    def evaluate(model, batches):
+    def evaluate(model, batches, **kwargs):
         if torch.backends.quantized.engine == "qnnpack" and frostnet.quant.is_quantized_model(model):
             raise RuntimeError("Error in QNNPACK\nfailed to create QNNPACK Add operator")
-        return real_evaluate(model, batches)
+        return real_evaluate(model, batches, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", evaluate)
     out = tmp_path / "run"

@@ -24,23 +24,25 @@ import math
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import quant
-from ..models import get_model
+from ..models import get_model, get_model_task
 from ..optim import GradBoost, TransitionRateScheduler
-from ..serialization import load_fp32
-from .args import METHOD_DEFAULTS, method_args, recorded_args
-from .data import DataInfo, TensorBatches, build_data
+from ..serialization import load_fp32, read_metadata
+from .args import method_args, recorded_args
+from .config import RunConfig, check_method_args, fp_epochs_of, quant_ranges
+from .data import DataInfo, TensorBatches
 from .statassist import StatAssist, find_wrapped
+from .tasks import Task, get_task
 
-__all__ = ["main", "build_optimizer", "build_scheduler", "check_method_args", "evaluate", "method_qconfig", "train"]
+__all__ = ["Trainer", "build_optimizer", "build_scheduler", "check_method_args", "evaluate", "load_backbone", "load_init", "main", "method_qconfig"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,22 +132,22 @@ def build_scheduler(opt: torch.optim.Optimizer, args: argparse.Namespace, steps_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, epoch: int = 0) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean loss of ``model`` over ``batches.epoch(epoch)``.
+def evaluate(model: nn.Module, batches: Any, epoch: int = 0, task: Optional[Task] = None,
+             info: Optional[DataInfo] = None) -> dict[str, Any]:
+    """The task's metric of ``model`` over ``batches.epoch(epoch)`` (default: classification, top-1 % and loss).
+
+    ``info`` (the run's :class:`DataInfo`) gives dense metrics their number of classes.
 
     A fake-quant model is evaluated with its observers paused, so the evaluation data does not
     move its quantization ranges (``quant.observers_paused``).
     """
+    task = task or get_task("classification")
+    metric = task.new_metric(len(info.categories) if info is not None else 0)
     model.eval()
-    correct = total = 0
-    loss = 0.0
     with quant.observers_paused(model):
         for x, y in batches.epoch(epoch):
-            out = model(x)
-            loss += F.cross_entropy(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-            total += y.numel()
-    return {"top1": 100.0 * correct / max(1, total), "loss": loss / max(1, total), "n": total}
+            task.eval_step(model, x, y, metric)
+    return metric.compute()
 
 
 def calibration_batches(train_b: Any, n: int, seed: int) -> list[torch.Tensor]:
@@ -157,40 +159,6 @@ def calibration_batches(train_b: Any, n: int, seed: int) -> list[torch.Tensor]:
         pipe.train = False
         return [pipe(train_b.images[idx[i:i + 128]]) for i in range(0, len(idx), 128)]
     return [x for x, _ in zip((b[0] for b in train_b.epoch(0)), range(n))]
-
-
-def _quant_ranges(args: argparse.Namespace) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
-    for name in ("weight_bits", "act_bits"):
-        bits = getattr(args, name)
-        if not 2 <= bits <= 8:
-            raise ValueError(f"--{name.replace('_', '-')} must be in 2..8, got {bits}")
-    w = None if args.weight_bits == 8 else (-(2 ** (args.weight_bits - 1)), 2 ** (args.weight_bits - 1) - 1)
-    a = None if args.act_bits == 8 else (0, 2 ** args.act_bits - 1)
-    return w, a
-
-
-def check_method_args(args: argparse.Namespace) -> None:
-    """Raise for QAT-method flags that do not apply to this run (naming the flag and the fix)."""
-    m = method_args(args)
-    if args.mode == "fp" and (m["qat_method"] != "ste" or m["talr"]):
-        flag = f"--qat-method {m['qat_method']}" if m["qat_method"] != "ste" else "--talr"
-        raise ValueError(f"{flag} needs a QAT phase: use --mode qat, qat-finetune, statassist or statassist+gradboost, "
-                         "not --mode fp")
-    owners = {"ewgs_": ("--qat-method ewgs", m["qat_method"] == "ewgs"),
-              "octav_": ("--qat-method octav", m["qat_method"] == "octav"),
-              "tr_": ("--talr", m["talr"])}
-    for key, value in m.items():
-        for prefix, (owner, active) in owners.items():
-            if key.startswith(prefix) and not active and value != METHOD_DEFAULTS[key]:
-                raise ValueError(f"--{key.replace('_', '-')} {value} only applies with {owner}")
-    for key in ("ewgs_interval",):
-        if m[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0 (0 = every epoch), got {m[key]}")
-    for key in ("ewgs_samples", "octav_calib_batches"):
-        if m[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {m[key]}")
-    if not m["ewgs_lr"] >= 0:
-        raise ValueError(f"--ewgs-lr must be >= 0, got {m['ewgs_lr']}")
 
 
 def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
@@ -205,14 +173,9 @@ def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
     return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange, **options)
 
 
-def _fp_epochs(args: argparse.Namespace) -> int:
-    if args.mode == "fp":
-        return args.epochs  # never switches
-    if args.mode in ("qat", "qat-finetune"):
-        return 0
-    if not 0 <= args.fp_epochs <= args.epochs:
-        raise ValueError(f"--fp-epochs must be in 0..--epochs ({args.epochs}), got {args.fp_epochs}")
-    return args.fp_epochs
+#: kept for the optimizer builders and older callers; the loop reads :class:`RunConfig`
+_fp_epochs = fp_epochs_of
+_quant_ranges = quant_ranges
 
 
 def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:
@@ -253,16 +216,55 @@ def load_init(model: nn.Module, path: str, *, reset_head: bool = False, verbose:
     model.load_state_dict(tensors, strict=True)
 
 
-def refresh_ewgs_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, step: int) -> dict[str, float]:
-    """Re-estimate every EWGS delta on the batch ``(x, y)`` (EWGS paper, Eq. 10).
+def _backbone_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the submodule called ``backbone`` (LR-ASPP: ``backbone``, SSDLite: ``body.backbone``)."""
+    found = [(n, m) for n, m in model.named_modules() if n == "backbone" or n.endswith(".backbone")]
+    if len(found) != 1:
+        names = ", ".join(n for n, _ in found) or "none"
+        raise ValueError(f"{type(model).__name__} has {len(found)} submodules named 'backbone' ({names}); "
+                         "--init with a classification file needs exactly one")
+    return found[0]
+
+
+def load_backbone(model: nn.Module, path: str, *, verbose: bool = True) -> dict[str, list[str]]:
+    """Load a classification FP32 file into the ``backbone`` of a dense model.
+
+    Strict on the backbone: every backbone tensor must come from the file with its shape. The
+    file's other tensors (the classifier's head) are left out and reported, and so are the
+    model's parts outside the backbone, which keep their initialisation.
+
+    Returns:
+        ``{"loaded": backbone keys, "unused": file keys not loaded, "initialised": model keys left at init}``.
+    """
+    tensors, meta = load_fp32(path)
+    name, backbone = _backbone_of(model)
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise ValueError(f"{path} (arch {meta.get('arch', '?')}) does not hold the backbone of {type(model).__name__}: "
+                         f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(own)}); "
+                         "use the classification weights of the same FrostNet (e.g. frostnet_small_1_0 for *_frostnet_small_1_0)")
+    bad = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if tensors[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path} does not fit the backbone of {type(model).__name__}: shapes differ for {', '.join(bad[:3])}")
+    backbone.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    report = {"loaded": [f"{name}.{k}" for k in own], "unused": sorted(k for k in tensors if k not in own),
+              "initialised": [k for k in model.state_dict() if not k.startswith(name + ".")]}
+    if verbose:
+        print(f"--init {path}: loaded {len(own)} backbone tensors into {name}; not loaded from the file: "
+              f"{', '.join(report['unused']) or 'nothing'}; {len(report['initialised'])} tensors outside the backbone "
+              "keep their initialisation", flush=True)
+    return report
+
+
+def refresh_ewgs_deltas(model: nn.Module, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace, step: int) -> dict[str, float]:
+    """Re-estimate every EWGS delta with the loss ``loss_fn()`` of one batch (EWGS paper, Eq. 10).
 
     The Rademacher vectors come from a generator seeded by ``--seed`` and the global step, so a
     resumed run draws the same ones; the model's buffers and the global RNG are left as they were.
     """
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    return quant.update_ewgs_deltas(
-        model, lambda: F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing),
-        samples=method_args(args)["ewgs_samples"], generator=gen)
+    return quant.update_ewgs_deltas(model, loss_fn, samples=method_args(args)["ewgs_samples"], generator=gen)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -276,220 +278,279 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 # the run
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
-    quant.check_backend(args.backend)
-    check_method_args(args)
-    methods = method_args(args)
-    if args.mode == "qat-finetune" and not args.init:
-        raise ValueError("--mode qat-finetune needs --init <FP32 weights file> (the FP-trained model to fine-tune)")
-    fp_epochs = _fp_epochs(args)
-    wrange, arange = _quant_ranges(args)
-    out = Path(args.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+class Trainer:
+    """One run of the recipe, in the steps :func:`main` takes: build, resume, train an epoch,
+    evaluate, checkpoint, finish (final evaluation and export).
 
-    train_b, eval_b, info = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
-                                       rank=rank, world=world, train_subset=args.train_subset, val_size=args.val_size,
-                                       eval_subset=args.eval_subset, workers=args.workers,
-                                       erase_p=getattr(args, "random_erasing", 0.0))
-    model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout).to(device)
-    if args.init:
-        load_init(model, args.init, reset_head=args.reset_head, verbose=rank == 0)
-    steps_per_epoch = len(train_b)
-    opt = build_optimizer(model, args, steps_per_epoch)
-    sa = StatAssist(model, opt, backend=args.backend, fp_epochs=fp_epochs, weight_quant_range=wrange, act_quant_range=arange,
-                    qconfig=method_qconfig(args, args.backend),
-                    qparam_group=EWGS_GROUP if methods["qat_method"] == "ewgs" else None)
-    sched = build_scheduler(opt, args, steps_per_epoch)
-    trs = find_wrapped(opt, TransitionRateScheduler)
-    ewgs_every = (methods["ewgs_interval"] or steps_per_epoch) if methods["qat_method"] == "ewgs" else 0
-    # EWGS learns its weight intervals on the folded weights of Conv-BN layers, static OCTAV
-    # freezes its grid there; they follow BN's factor after every step so that they do not
-    # collapse (quant.FoldTracker). With --talr the scheduler does this for its frozen grids.
-    fixed_grids = methods["qat_method"] == "ewgs" or (methods["qat_method"] == "octav" and not methods["octav_dynamic"])
-    track_folds = fixed_grids and trs is None
-    fold: Optional[quant.FoldTracker] = None
-    saved_fold: Optional[dict[str, Any]] = None
+    Every task runs through the same steps; what differs (data, loss, metric) comes from its
+    :class:`~frostnet.recipe.tasks.Task`.
+    """
 
-    start_epoch = start_batch = global_step = 0
-    history: list[dict[str, Any]] = []
-    ckpt_path = out / "checkpoint.pt"
-    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else (None if args.resume == "auto" else args.resume)
-    if resume:
+    def __init__(self, cfg: RunConfig) -> None:
+        """Build data, model, optimizer (+ GradBoost/TALR), StatAssist and LR schedule."""
+        args = self.args = cfg.args
+        self.cfg = cfg
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.rank, self.world, self.device = setup_distributed()
+        if args.batch_size % self.world:
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {self.world}")
+        self.task = get_task(cfg.task)
+        self.out = Path(args.output_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+
+        self.train_b, self.eval_b, self.info = self.task.build_data(cfg, rank=self.rank, world=self.world)
+        self.model = get_model(args.model, **self.task.model_kwargs(cfg, self.info)).to(self.device)
+        if args.init:
+            self._load_init(args.init)
+        self.steps_per_epoch = len(self.train_b)
+        self.opt = build_optimizer(self.model, args, self.steps_per_epoch)
+        m = cfg.methods
+        self.sa = StatAssist(self.model, self.opt, backend=args.backend, fp_epochs=cfg.fp_epochs,
+                             weight_quant_range=cfg.weight_range, act_quant_range=cfg.act_range,
+                             qconfig=method_qconfig(args, args.backend), qparam_group=EWGS_GROUP if m.ewgs else None)
+        self.sched = build_scheduler(self.opt, args, self.steps_per_epoch)
+        self.trs = find_wrapped(self.opt, TransitionRateScheduler)
+        self.ewgs_every = (m["ewgs_interval"] or self.steps_per_epoch) if m.ewgs else 0
+        # EWGS learns its weight intervals on the folded weights of Conv-BN layers, static OCTAV
+        # freezes its grid there; they follow BN's factor after every step so that they do not
+        # collapse (quant.FoldTracker). With --talr the scheduler does this for its frozen grids.
+        self.track_folds = m.fixed_grids and self.trs is None
+        self.fold: Optional[quant.FoldTracker] = None
+        self.saved_fold: Optional[dict[str, Any]] = None
+        self.start_epoch = self.start_batch = self.global_step = 0
+        self.train_sums: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.log_file = self.out / "metrics.jsonl"
+        self.ddp_model: nn.Module = self.model
+        self._wrapped_phase: Optional[str] = None
+
+    def _load_init(self, path: str) -> None:
+        meta = read_metadata(path)
+        verbose = self.rank == 0
+        if self.cfg.task != "classification" and _task_of_arch(meta.get("arch")) == "classification":
+            if self.args.reset_head:
+                raise ValueError("--reset-head applies to classification models; a dense model loads only the backbone "
+                                 "of a classification --init file and starts its head anew anyway")
+            load_backbone(self.model, path, verbose=verbose)
+        else:
+            load_init(self.model, path, reset_head=self.args.reset_head, verbose=verbose)
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from ``--resume`` (``auto``: the output dir's checkpoint, if any) bit for bit."""
+        args, cfg = self.args, self.cfg
+        if args.resume == "auto":
+            resume = str(self.ckpt_path) if self.ckpt_path.exists() else None
+        else:
+            resume = args.resume
+        if not resume:
+            return
         ckpt = torch.load(resume, map_location="cpu", weights_only=True)
         if ckpt["args"]["model"] != args.model or ckpt["args"]["mode"] != args.mode:
             raise ValueError(f"{resume} was written by --model {ckpt['args']['model']} --mode {ckpt['args']['mode']}, "
                              f"not --model {args.model} --mode {args.mode}")
         saved_methods = method_args(ckpt["args"])
         for key in ("qat_method", "talr"):
-            saved = saved_methods[key]
-            if saved != methods[key]:
-                raise ValueError(f"{resume} was written with --{key.replace('_', '-')} {saved}, not {methods[key]}; "
-                                 "resume with the flags it was started with")
-        sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+            if saved_methods[key] != cfg.methods[key]:
+                raise ValueError(f"{resume} was written with --{key.replace('_', '-')} {saved_methods[key]}, not "
+                                 f"{cfg.methods[key]}; resume with the flags it was started with")
+        self.sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-        start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
-        history = ckpt.get("history", [])
-        saved_fold = ckpt.get("fold_tracker")
-        if rank == 0:
-            print(f"resumed from {resume}: epoch {start_epoch}, batch {start_batch}, phase {sa.phase}", flush=True)
+        self.start_epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
+        self.history = ckpt.get("history", [])
+        self.train_sums = dict(ckpt.get("train_sums") or {})
+        self.saved_fold = ckpt.get("fold_tracker")
+        if self.rank == 0:
+            print(f"resumed from {resume}: epoch {self.start_epoch}, batch {self.start_batch}, phase {self.sa.phase}", flush=True)
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        if rank != 0:
+    # ---- checkpoint -----------------------------------------------------------------------------
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Everything needed to continue at ``(epoch, batch)``, written atomically by rank 0."""
+        if self.rank != 0:
             return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "statassist": sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": global_step,
-            "fold_tracker": fold.state_dict() if fold is not None else None,
-            "rng": torch.get_rng_state(), "args": recorded_args(args), "history": history,
-            "data": {"name": info.name, "categories": info.categories},
+        save_checkpoint(self.ckpt_path, {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "statassist": self.sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": self.global_step,
+            "fold_tracker": self.fold.state_dict() if self.fold is not None else None,
+            # the interrupted epoch's running sums, so its logged train figures cover every batch
+            "train_sums": dict(self.train_sums) if batch else {},
+            "rng": torch.get_rng_state(), "args": recorded_args(self.args), "history": self.history,
+            "data": {"name": self.info.name, "categories": self.info.categories}, "task": self.cfg.task,
         })
 
-    log_file = out / "metrics.jsonl"
-    ddp_model: nn.Module = model
-    wrapped_phase = None
-    for epoch in range(start_epoch, args.epochs):
-        switched = sa.on_epoch_start(epoch)
-        if sa.phase == "qat":
+    # ---- train ----------------------------------------------------------------------------------
+    def _begin_epoch(self, epoch: int) -> None:
+        args, model = self.args, self.model
+        switched = self.sa.on_epoch_start(epoch)
+        if self.sa.phase == "qat":
             if args.freeze_bn_epoch >= 0 and epoch >= args.freeze_bn_epoch:
                 quant.freeze_bn_stats(model)
             if args.freeze_observer_epoch >= 0 and epoch >= args.freeze_observer_epoch:
                 quant.disable_observer(model)
-        if world > 1 and wrapped_phase != sa.phase:
+        if self.world > 1 and self._wrapped_phase != self.sa.phase:
             # QAT swaps modules, so DDP must wrap the prepared model anew (same parameters).
-            ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-            wrapped_phase = sa.phase
-        if switched and rank == 0:
+            self.ddp_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._wrapped_phase = self.sa.phase
+        if switched and self.rank == 0:
             print(f"epoch {epoch}: StatAssist switched to QAT ({args.backend}); optimizer state carried over", flush=True)
 
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch from ``start_batch``; returns the epoch's training entries of metrics.jsonl."""
+        args, cfg = self.args, self.cfg
+        self._begin_epoch(epoch)
         t0 = time.time()
-        ddp_model.train()
-        run_loss = run_correct = run_n = 0.0
+        self.ddp_model.train()
         bar = None
-        if args.progress and rank == 0:
+        if args.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch} [{sa.phase}]", mininterval=10, leave=False)
-        for b, (x, y) in enumerate(train_b.epoch(epoch, start_batch), start=start_batch):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if ewgs_every and sa.phase == "qat":
-                qat_step = global_step - fp_epochs * steps_per_epoch
-                if qat_step > 0 and qat_step % ewgs_every == 0:
-                    refresh_ewgs_deltas(model, x, y, args, global_step)
-            outp = ddp_model(x)
-            loss = F.cross_entropy(outp, y, label_smoothing=args.label_smoothing)
+            bar = tqdm(total=self.steps_per_epoch, initial=self.start_batch, desc=f"epoch {epoch} [{self.sa.phase}]",
+                       mininterval=10, leave=False)
+        for b, (x, y) in enumerate(self.train_b.epoch(epoch, self.start_batch), start=self.start_batch):
+            x, y = x.to(self.device, non_blocking=True), _to_device(y, self.device)
+            if self.ewgs_every and self.sa.phase == "qat":
+                qat_step = self.global_step - cfg.fp_epochs * self.steps_per_epoch
+                if qat_step > 0 and qat_step % self.ewgs_every == 0:
+                    refresh_ewgs_deltas(self.model, lambda: self.task.loss(self.model, x, y, cfg)[0], args, self.global_step)
+            loss, sums = self.task.loss(self.ddp_model, x, y, cfg)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, batch {b} (phase {sa.phase}); "
+                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, batch {b} (phase {self.sa.phase}); "
                                          "training diverged: lower --lr or set --clip-grad, and restart from an earlier checkpoint")
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            opt.step()
-            if track_folds and sa.phase == "qat":
-                if fold is None:
-                    fold = quant.FoldTracker(model)
-                    if saved_fold is not None:
-                        fold.load_state_dict(saved_fold)
-                fold.update()
-            sched.step()
-            global_step += 1
-            run_loss += loss.item() * y.numel()
-            run_correct += (outp.argmax(1) == y).sum().item()
-            run_n += y.numel()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            self.opt.step()
+            if self.track_folds and self.sa.phase == "qat":
+                if self.fold is None:
+                    self.fold = quant.FoldTracker(self.model)
+                    if self.saved_fold is not None:
+                        self.fold.load_state_dict(self.saved_fold)
+                self.fold.update()
+            self.sched.step()
+            self.global_step += 1
+            for k, v in sums.items():
+                self.train_sums[k] = self.train_sums.get(k, 0.0) + v
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4g}", refresh=False)
-            if args.ckpt_interval_steps and (b + 1) % args.ckpt_interval_steps == 0 and b + 1 < steps_per_epoch:
-                checkpoint(epoch, b + 1)
-            if args.exit_at_step and global_step == args.exit_at_step:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.sched.get_last_lr()[0]:.4g}", refresh=False)
+            if args.ckpt_interval_steps and (b + 1) % args.ckpt_interval_steps == 0 and b + 1 < self.steps_per_epoch:
+                self.checkpoint(epoch, b + 1)
+            if args.exit_at_step and self.global_step == args.exit_at_step:
                 os._exit(3)  # simulate a killed job: no cleanup, no final checkpoint
         if bar is not None:
             bar.close()
-        start_batch = 0
-        train_time = time.time() - t0
-
-        in_sync = _check_replicas_in_sync(model, world) if world > 1 else None
-        record: dict[str, Any] = {"epoch": epoch, "phase": sa.phase, "lr": sched.get_last_lr()[0],
-                                  "train_loss": run_loss / max(1, run_n), "train_top1": 100 * run_correct / max(1, run_n),
-                                  "train_time_s": round(train_time, 1), "eval_split": info.eval_split}
-        if in_sync is not None:
-            record["replicas_in_sync"] = in_sync
-        if sa.phase == "qat" and methods["qat_method"] == "ewgs":
-            deltas = [float(m.delta) for m in model.modules() if isinstance(m, quant.EWGSFakeQuantize)]
+        self.start_batch = 0
+        record: dict[str, Any] = {"epoch": epoch, "phase": self.sa.phase, "lr": self.sched.get_last_lr()[0],
+                                  **self.task.train_record(self.train_sums),
+                                  "train_time_s": round(time.time() - t0, 1), "eval_split": self.info.eval_split}
+        self.train_sums = {}
+        if self.world > 1:
+            record["replicas_in_sync"] = _check_replicas_in_sync(self.model, self.world)
+        if self.sa.phase == "qat" and cfg.methods.ewgs:
+            deltas = [float(m.delta) for m in self.model.modules() if isinstance(m, quant.EWGSFakeQuantize)]
             record["ewgs_delta_mean"] = sum(deltas) / max(1, len(deltas))
-        if trs is not None and trs.active:
-            record.update(trs.summary())
-        if rank == 0:
-            ev = evaluate(model, eval_b)
-            record["fp32_top1" if sa.phase == "fp" else "fake_quant_top1"] = ev["top1"]
-            record["eval_loss"] = ev["loss"]
-            if sa.phase == "qat" and args.int8_eval:
-                record["int8_top1"] = evaluate(quant.convert(model, args.backend), eval_b)["top1"]
-            elif sa.phase == "fp" and args.ptq_eval:
-                calib = calibration_batches(train_b, args.calib_batches, args.seed)
-                record["ptq_int8_top1"] = evaluate(quant.quantize_ptq(model, calib, args.backend), eval_b)["top1"]
-            record["eval_time_s"] = round(time.time() - t0 - train_time, 1)
-            history.append(record)
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
-        checkpoint(epoch + 1, 0)
+        if self.trs is not None and self.trs.active:
+            record.update(self.trs.summary())
+        return record
 
+    # ---- evaluate -------------------------------------------------------------------------------
+    def evaluate_epoch(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add the per-epoch evaluation (float or fake-quant, and converted INT8) to ``record`` and log it."""
+        if self.rank != 0:
+            return record
+        t0 = time.time()
+        args, task, info = self.args, self.task, self.info
+        ev = evaluate(self.model, self.eval_b, task=task, info=info)
+        record.update(task.report("fp32" if self.sa.phase == "fp" else "fake_quant", ev))
+        if "loss" in ev:
+            record["eval_loss"] = ev["loss"]
+        if self.sa.phase == "qat" and args.int8_eval:
+            record.update(task.report("int8", evaluate(quant.convert(self.model, args.backend), self.eval_b, task=task, info=info)))
+        elif self.sa.phase == "fp" and args.ptq_eval:
+            calib = calibration_batches(self.train_b, args.calib_batches, args.seed)
+            record.update(task.report("ptq_int8", evaluate(quant.quantize_ptq(self.model, calib, args.backend), self.eval_b,
+                                                           task=task, info=info)))
+        record["eval_time_s"] = round(time.time() - t0, 1)
+        self.history.append(record)
+        self.log(record)
+        return record
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    # ---- finish ---------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Final figures on the test split (latent FP32 weights, fake-quant, INT8 per backend) and the export."""
+        from .export import export_run
+
+        args, task, info = self.args, self.task, self.info
+        split = task.test_split(info)
+        _, test_b, _ = task.build_data(self.cfg, rank=0, world=1, eval_split=split)
+        float_model = get_model(args.model, **task.model_kwargs(self.cfg, info))
+        float_model.load_state_dict(self.sa.float_state_dict(), strict=True)
+        final: dict[str, Any] = {"model": args.model, "task": task.name, "mode": args.mode, "epochs": args.epochs, "split": split,
+                                 **task.report("fp32", evaluate(float_model, test_b, task=task, info=info))}
+        if self.sa.phase == "qat":
+            final.update(task.report("fake_quant", evaluate(self.model, test_b, task=task, info=info)))
+        calib = calibration_batches(self.train_b, args.calib_batches, args.seed)
+        int8_models = {}
+        for backend in [b for b in args.export_backends.split(",") if b]:
+            int8 = int8_for_backend(self.model, float_model, self.sa, backend, args, calib)
+            try:
+                final.update(task.report(f"int8_{backend}", evaluate(int8, test_b, task=task, info=info)))
+            except RuntimeError as e:
+                # An engine can refuse a degenerate model (qnnpack: an add whose input-to-output scale
+                # ratio is outside [2**-14, 2**8)); keep the run's other results and say why this
+                # backend has none, instead of losing the whole run at its last step.
+                final[f"int8_{backend}_error"] = str(e).strip().splitlines()[-1][:300]
+                print(f"INT8 {backend}: no result, the engine failed on the converted model: "
+                      f"{final[f'int8_{backend}_error']}", flush=True)
+                continue
+            int8_models[backend] = int8
+        if args.export:
+            final["files"] = export_run(args, float_model, int8_models, info, final, self.out / "export")
+        return final
+
+
+def _task_of_arch(arch: Optional[str]) -> Optional[str]:
+    try:
+        return get_model_task(arch) if arch else None
+    except ValueError:
+        return None
+
+
+def _to_device(y: Any, device: torch.device) -> Any:
+    """Targets to ``device``: a tensor (labels, masks) or a list of dicts of tensors (boxes, labels)."""
+    if isinstance(y, torch.Tensor):
+        return y.to(device, non_blocking=True)
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in y]
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk."""
+    trainer = Trainer(RunConfig.from_args(args))
+    trainer.resume()
+    for epoch in range(trainer.start_epoch, args.epochs):
+        record = trainer.train_epoch(epoch)
+        trainer.evaluate_epoch(record)
+        trainer.checkpoint(epoch + 1, 0)
     final: dict[str, Any] = {}
-    if rank == 0:
-        final = finish(args, model, sa, train_b, info, out)
-        with open(log_file, "a") as f:
-            f.write(json.dumps({"final": final}) + "\n")
-        print(json.dumps({"final": final}), flush=True)
-    if world > 1:
+    if trainer.rank == 0:
+        final = trainer.finish()
+        trainer.log({"final": final})
+    if trainer.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return final
-
-
-def finish(args: argparse.Namespace, model: nn.Module, sa: StatAssist, train_b: Any, info: DataInfo, out: Path) -> dict[str, Any]:
-    """Final test-split evaluation (FP32 latent weights, fake-quant, INT8 per backend) and export."""
-    from .export import export_run
-
-    # the final figures come from the test split (ImageNet-style folders: their val split)
-    split = "test" if info.name == "fashion_mnist" else "val"
-    _, test_b, _ = build_data(args.data, input_size=args.input_size, batch_size=args.batch_size, seed=args.seed,
-                              rank=0, world=1, eval_split=split, eval_subset=args.eval_subset, workers=args.workers)
-    float_model = get_model(args.model, num_classes=len(info.categories), dropout=args.dropout)
-    float_model.load_state_dict(sa.float_state_dict(), strict=True)
-    final: dict[str, Any] = {"model": args.model, "mode": args.mode, "epochs": args.epochs, "split": split,
-                             "fp32_top1": evaluate(float_model, test_b)["top1"]}
-    if sa.phase == "qat":
-        final["fake_quant_top1"] = evaluate(model, test_b)["top1"]
-    backends = [b for b in args.export_backends.split(",") if b]
-    calib = calibration_batches(train_b, args.calib_batches, args.seed)
-    int8_models = {}
-    for backend in backends:
-        int8 = int8_for_backend(model, float_model, sa, backend, args, calib)
-        try:
-            final[f"int8_{backend}_top1"] = evaluate(int8, test_b)["top1"]
-        except RuntimeError as e:
-            # An engine can refuse a degenerate model (qnnpack: an add whose input-to-output scale
-            # ratio is outside [2**-14, 2**8)); keep the run's other results and say why this
-            # backend has none, instead of losing the whole run at its last step.
-            final[f"int8_{backend}_error"] = str(e).strip().splitlines()[-1][:300]
-            print(f"INT8 {backend}: no result, the engine failed on the converted model: "
-                  f"{final[f'int8_{backend}_error']}", flush=True)
-            continue
-        int8_models[backend] = int8
-    if args.export:
-        final["files"] = export_run(args, float_model, int8_models, info, final, out / "export")
     return final
 
 
