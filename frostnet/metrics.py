@@ -277,7 +277,7 @@ class DetectionMetric:
         for k in keys[1:]:
             if out[k].shape != (count,):
                 raise ValueError(f"{kind} {index}: {k} must have shape ({count},) like its boxes, got {tuple(out[k].shape)}")
-        labels = out["labels"]
+        labels = out["labels"] if out["labels"].numel() else out["labels"].long()  # torch.tensor([]) is float
         if labels.is_floating_point():
             raise ValueError(f"{kind} {index}: labels must be integers, got {labels.dtype}")
         high = self.num_classes - 1 if self.num_classes is not None else None

@@ -189,6 +189,8 @@ def test_detection_empty_inputs():
     out = _map([none, _det([0, 0, 10, 10], scores=[0.5])], [_gt(), _gt()])  # no ground truth anywhere
     assert math.isnan(out["map"]) and out["n"] == 2
     assert math.isnan(DetectionMetric().compute()["map"])
+    plain_empty = {"boxes": torch.tensor([]), "labels": torch.tensor([])}  # float, shape (0,)
+    assert _map([{**plain_empty, "scores": torch.tensor([])}], [plain_empty])["n"] == 1
 
 
 def test_detection_merge_and_reset():
