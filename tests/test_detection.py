@@ -25,6 +25,7 @@ from frostnet.models.detection import (
     postprocess_detections,
 )
 from frostnet.models import ConvBNAct
+from frostnet.models.detection.loss import match_priors_batch, pad_targets
 from frostnet.models.ssdlite import SSDLITE_PRIORS
 from frostnet.models.tiny_dsod import TINY_DSOD_PRIORS
 
@@ -236,6 +237,108 @@ def test_multibox_loss_on_a_hand_made_case():
     torch.testing.assert_close(losses["classification"], expected_cls)
     target = coder.encode(gt["boxes"], priors[:1])
     torch.testing.assert_close(losses["bbox_regression"], F.smooth_l1_loss(loc[0, :1], target, reduction="sum"))
+
+
+def _reference_match_priors(gt_boxes, gt_labels, priors, iou_threshold):
+    """The per-image matcher the batched one replaced, kept here only as the reference."""
+    if gt_boxes.numel() == 0:
+        return priors.new_zeros(priors.shape[0], 4), torch.zeros(priors.shape[0], dtype=torch.int64)
+    iou = box_iou(gt_boxes, box_convert(priors, "cxcywh", "xyxy"))
+    best_iou, best_gt = iou.max(dim=0)
+    for k, p in enumerate(iou.argmax(dim=1).tolist()):  # the later gt wins a shared best prior
+        best_gt[p] = k
+        best_iou[p] = 2.0
+    labels = gt_labels[best_gt].clone()
+    labels[best_iou < iou_threshold] = 0
+    return gt_boxes[best_gt], labels
+
+
+def _reference_multibox_loss(loc, conf, priors, targets, coder, iou_threshold=0.5, neg_pos_ratio=3):
+    """The per-image-loop MultiBox loss (before vectorising), kept here only as the reference."""
+    matched, labels = zip(*(_reference_match_priors(t["boxes"], t["labels"], priors, iou_threshold)
+                            for t in targets))
+    labels = torch.stack(labels)
+    positive = labels > 0
+    num_pos = positive.sum().clamp(min=1)
+    loc_target = coder.encode(torch.stack(matched)[positive], priors.expand_as(loc)[positive])
+    bbox = F.smooth_l1_loss(loc[positive], loc_target, reduction="sum")
+    ce = F.cross_entropy(conf.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    selected = positive | hard_negative_mask(ce, positive, neg_pos_ratio)
+    return {"bbox_regression": bbox / num_pos, "classification": ce[selected].sum() / num_pos}
+
+
+def _random_targets(gen, batch, max_boxes, num_classes):
+    """Normalized xyxy targets with 0..max_boxes boxes per image (empty images included)."""
+    targets = []
+    for i in range(batch):
+        k = 0 if i % 4 == 1 else int(torch.randint(0, max_boxes + 1, (1,), generator=gen))
+        xy = torch.rand(k, 2, generator=gen) * 0.8
+        wh = 0.02 + torch.rand(k, 2, generator=gen) * (1 - xy - 0.02).clamp(min=0.01)
+        boxes = torch.cat([xy, (xy + wh).clamp(max=1.0)], dim=1)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes, (k,), generator=gen)})
+    return targets
+
+
+@pytest.mark.parametrize("spec", [SSDLITE_PRIORS, TINY_DSOD_PRIORS], ids=["ssdlite", "tiny_dsod"])
+def test_batched_loss_equals_the_per_image_loop_reference(spec):
+    gen = torch.Generator().manual_seed(14)
+    coder = BoxCoder()
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1), (1, 1)][:spec.num_levels]
+    priors = make_priors(spec, sizes)
+    for batch, max_boxes in [(1, 3), (5, 6), (8, 12), (3, 0)]:
+        targets = _random_targets(gen, batch, max_boxes, 11)
+        loc = torch.randn(batch, priors.shape[0], 4, generator=gen, requires_grad=True)
+        conf = torch.randn(batch, priors.shape[0], 11, generator=gen, requires_grad=True)
+        got = multibox_loss(loc, conf, priors, targets, coder)
+        want = _reference_multibox_loss(loc, conf, priors, targets, coder)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])
+            grad_got = torch.autograd.grad(got[key], (loc, conf), allow_unused=True, retain_graph=True)
+            grad_want = torch.autograd.grad(want[key], (loc, conf), allow_unused=True, retain_graph=True)
+            for g, w in zip(grad_got, grad_want):
+                assert (g is None) == (w is None)
+                if g is not None:
+                    torch.testing.assert_close(g, w)
+        boxes, labels, valid = pad_targets(targets)
+        matched, lab = match_priors_batch(boxes, labels, valid, priors, 0.5)
+        for i, t in enumerate(targets):
+            ref_boxes, ref_labels = _reference_match_priors(t["boxes"], t["labels"], priors, 0.5)
+            assert torch.equal(lab[i], ref_labels), f"batch {batch}, image {i}"
+            torch.testing.assert_close(matched[i][ref_labels > 0], ref_boxes[ref_labels > 0])
+
+
+def test_batched_matcher_later_gt_wins_a_shared_best_prior_in_every_image():
+    priors = box_convert(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]), "xyxy", "cxcywh")
+    a, b = [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.45, 0.45]  # both prefer prior 0
+    boxes = torch.tensor([[a, b, [0, 0, 0, 0]], [b, a, [0, 0, 0, 0]], [a, b, a]])
+    labels = torch.tensor([[1, 2, 0], [1, 2, 0], [1, 2, 3]])
+    valid = torch.tensor([[True, True, False], [True, True, False], [True, True, True]])
+    _, got = match_priors_batch(boxes, labels, valid, priors, 0.5)
+    # image 0 and 1: gt 1 claims prior 0 last; image 2: gt 2 (a duplicate of gt 0) is later still
+    assert got[:, 0].tolist() == [2, 2, 3]
+    # padding never claims a prior: a padded row equal to a real box changes nothing
+    valid[2, 2] = False
+    _, got = match_priors_batch(boxes, labels, valid, priors, 0.5)
+    assert got[2, 0].item() == 2
+
+
+def test_pad_targets_shapes_and_mask():
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+               {"boxes": torch.rand(3, 4), "labels": torch.tensor([1, 2, 3])}]
+    boxes, labels, valid = pad_targets(targets)
+    assert boxes.shape == (2, 3, 4) and labels.tolist() == [[0, 0, 0], [1, 2, 3]]
+    assert valid.tolist() == [[False] * 3, [True] * 3]
+    boxes, labels, valid = pad_targets(targets[:1])
+    assert boxes.shape == (1, 0, 4) and valid.shape == (1, 0)
+
+
+def test_loss_bad_target_count_and_empty_targets_raise():
+    priors = make_priors(SSDLITE_PRIORS, [(2, 2)] + [(1, 1)] * 5)
+    loc, conf = torch.zeros(2, priors.shape[0], 4), torch.zeros(2, priors.shape[0], 3)
+    with pytest.raises(ValueError, match="got 1 targets for a batch of 2 images"):
+        multibox_loss(loc, conf, priors, _random_targets(torch.Generator(), 1, 2, 3), BoxCoder())
+    with pytest.raises(ValueError, match="at least one target"):
+        pad_targets([])
 
 
 # ---- post-processing ------------------------------------------------------------------------------
