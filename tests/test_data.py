@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.tv_tensors import BoundingBoxes
 
 from frostnet.data import (
     CITYSCAPES_CLASSES,
@@ -22,6 +24,7 @@ from frostnet.data import (
     VOC_CLASSES,
     BatchPipeline,
     Cityscapes,
+    CocoDetection,
     FashionMNIST,
     FashionMNISTTransform,
     IDXFormatError,
@@ -34,6 +37,7 @@ from frostnet.data import (
     VOCDetection,
     VOCSegmentation,
     build_dataset,
+    clean_boxes,
     compute_mean_std,
     detection_collate,
     fashion_mnist_train_val,
@@ -408,9 +412,6 @@ def test_voc_errors(tmp_path: Path) -> None:
     with pytest.raises(VOCAnnotationError, match="unknown class 'unicorn'.*aeroplane") as info:
         VOCDetection(tmp_path)[1]
     assert "000007.xml" in str(info.value)
-    (voc / "Annotations" / "000007.xml").write_text(_voc_xml("000007", [("car", 10, 1, 5, 5, 0)]))
-    with pytest.raises(VOCAnnotationError, match="inverted box"):
-        VOCDetection(tmp_path)[1]
     (voc / "Annotations" / "000007.xml").write_text("<annotation><object>")
     with pytest.raises(VOCAnnotationError, match="invalid XML"):
         VOCDetection(tmp_path)[1]
@@ -451,6 +452,103 @@ def test_voc_segmentation_palette_mask(tmp_path: Path) -> None:
         ds[0]
 
 
+def test_voc_detection_clips_drops_and_keeps_empty_images(tmp_path: Path) -> None:
+    voc = _make_voc(tmp_path)
+    objects = [("car", 400, 300, 600, 500, 0),  # partly outside the 500x375 image: clipped
+               ("dog", 600, 10, 700, 50, 0),    # fully outside: dropped
+               ("cat", 10, 1, 5, 5, 0),         # inverted: dropped
+               ("bus", 20, 20, 20, 40, 0)]      # one column wide in VOC's inclusive pixels: kept
+    (voc / "Annotations" / "000007.xml").write_text(_voc_xml("000007", objects))
+    _, target = VOCDetection(tmp_path)[1]
+    assert target["boxes"].tolist() == [[399, 299, 500, 375], [19, 19, 20, 40]]
+    assert target["labels"].tolist() == [VOC_CLASSES.index("car") + 1, VOC_CLASSES.index("bus") + 1]
+    assert target["difficult"].tolist() == [False, False]
+    (voc / "Annotations" / "000007.xml").write_text(_voc_xml("000007", []))
+    image, target = VOCDetection(tmp_path)[1]
+    assert image.shape == (3, 375, 500) and target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_voc_png_images_and_classes_txt(tmp_path: Path) -> None:
+    voc = tmp_path / "VOC"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    Image.new("L", (6, 4), 50).save(voc / "JPEGImages" / "a.png")
+    mask = np.zeros((4, 6), dtype=np.uint8)
+    mask[1:3, 2:5] = 2
+    Image.fromarray(mask, mode="L").save(voc / "SegmentationClass" / "a.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    (voc / "classes.txt").write_text("circle\nsquare\n")
+    ds = VOCSegmentation(voc, split="train")
+    assert ds.classes == ("__background__", "circle", "square")
+    image, m = ds[0]
+    assert image.shape == (3, 4, 6) and int(image[0, 0, 0]) == 50 and m.tolist() == mask.tolist()
+    mask[0, 0] = 3  # not one of the two classes
+    Image.fromarray(mask, mode="L").save(voc / "SegmentationClass" / "a.png")
+    with pytest.raises(ValueError, match=r"a.png: mask value\(s\) \[3\] are not class ids \(valid: 0..2 or 255 = ignore\)"):
+        ds[0]
+    (voc / "classes.txt").write_text("background\ncircle\n")
+    with pytest.raises(ValueError, match="without the background"):
+        VOCSegmentation(voc, split="train")
+
+
+def test_voc_segmentation_mask_size_mismatch_names_files(tmp_path: Path) -> None:
+    voc = _make_voc(tmp_path, "2012")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("000005\n")
+    Image.fromarray(np.zeros((300, 500), dtype=np.uint8), mode="L").save(voc / "SegmentationClass" / "000005.png")
+    with pytest.raises(ValueError, match=r"mask .*000005.png is \(300, 500\).*image .*000005.jpg is \(375, 500\)"):
+        VOCSegmentation(tmp_path, "2012", "train")[0]
+    with pytest.raises(ValueError, match="one entry per box"):
+        clean_boxes(BoundingBoxes(torch.zeros(2, 4), format="XYXY", canvas_size=(4, 4)), torch.zeros(1))
+
+
+# --------------------------------------------------------------------------- #
+# COCO
+# --------------------------------------------------------------------------- #
+
+
+def _make_coco(root: Path, annotations: list[dict]) -> tuple[Path, Path]:
+    (root / "img").mkdir(parents=True)
+    images = []
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.new("RGB", (40, 30), (i * 100, 0, 0)).save(root / "img" / name)
+        images.append({"id": 10 + i, "file_name": name, "width": 40, "height": 30})
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": 3, "name": "hat"}, {"id": 7, "name": "shoe"}]}
+    (root / "ann.json").write_text(json.dumps(data))
+    return root / "img", root / "ann.json"
+
+
+def test_coco_detection_labels_clipping_crowd_and_empty_images(tmp_path: Path) -> None:
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 5], "area": 50, "iscrowd": 0},
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [30, 20, 20, 20], "area": 400, "iscrowd": 0},  # clipped
+        {"id": 3, "image_id": 10, "category_id": 3, "bbox": [50, 5, 5, 5], "area": 25, "iscrowd": 0},  # outside
+        {"id": 4, "image_id": 10, "category_id": 3, "bbox": [5, 5, 0, 8], "area": 0, "iscrowd": 0},  # zero width
+        {"id": 5, "image_id": 10, "category_id": 7, "bbox": [0, 0, 8, 8], "area": 64, "iscrowd": 1},  # crowd
+    ]
+    ds = CocoDetection(*_make_coco(tmp_path, anns))
+    assert len(ds) == 2 and ds.classes == ("background", "hat", "shoe") and ds.category_ids == [3, 7]
+    image, target = ds[0]
+    assert image.shape == (3, 30, 40) and image.dtype == torch.uint8 and target["image_id"] == 10
+    assert target["boxes"].tolist() == [[2, 3, 12, 8], [30, 20, 40, 30]]
+    assert target["labels"].tolist() == [2, 1]  # category 7 -> label 2, category 3 -> label 1
+    image, target = ds[1]  # no annotations
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["image_id"] == 11
+    crowd = CocoDetection(tmp_path / "img", tmp_path / "ann.json", keep_crowd=True)
+    assert crowd[0][1]["labels"].tolist() == [2, 1, 2]
+
+
+def test_coco_detection_errors(tmp_path: Path) -> None:
+    anns = [{"id": 9, "image_id": 11, "category_id": 5, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}]
+    images, ann = _make_coco(tmp_path, anns)
+    with pytest.raises(ValueError, match=r"ann.json: annotation 9 of image 11 has category_id 5; the file defines \[3, 7\]"):
+        CocoDetection(images, ann)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        CocoDetection(images, tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        CocoDetection(tmp_path / "nope", ann)
+
+
 # --------------------------------------------------------------------------- #
 # Cityscapes
 # --------------------------------------------------------------------------- #
@@ -466,7 +564,7 @@ def _make_cityscapes(root: Path) -> dict[str, np.ndarray]:
             (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
             (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
             ids = np.repeat(np.repeat(rng.permutation(np.arange(36) % 34).reshape(6, 6), 8, 0), 8, 1).astype(np.uint8)
-            ids[0, 0] = 200  # not a Cityscapes id -> ignore
+            ids[0, 0] = 255  # the generic ignore value
             # Image encodes each pixel's label id so alignment can be checked later.
             rgb = np.stack([255 - ids, ids, np.full_like(ids, 3)], -1)
             Image.fromarray(rgb).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
@@ -506,6 +604,20 @@ def test_cityscapes_reads_pairs_and_maps_ids(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="gtFine_labelIds.png"):
         Cityscapes(tmp_path, "val")
     assert isinstance(build_dataset(f"cityscapes:{tmp_path}", "train"), Cityscapes)
+
+
+def test_cityscapes_unknown_ids_and_size_mismatch_raise(tmp_path: Path) -> None:
+    _make_cityscapes(tmp_path)
+    mask_path = next(tmp_path.glob("gtFine/train/aachen/*.png"))
+    ids = np.array(Image.open(mask_path))
+    ids[3, 3] = 200  # not a Cityscapes label id
+    Image.fromarray(ids, mode="L").save(mask_path)
+    with pytest.raises(ValueError, match=r"aachen_000000_000000_gtFine_labelIds.png: label id\(s\) \[200\]"):
+        Cityscapes(tmp_path, "train")[0]
+    ids[3, 3] = 7
+    Image.fromarray(ids[:40], mode="L").save(mask_path)
+    with pytest.raises(ValueError, match=r"mask .*labelIds.png is \(40, 48\).*leftImg8bit.png is \(48, 48\)"):
+        Cityscapes(tmp_path, "train")[0]
 
 
 def _encoded_pair(size: tuple[int, int] = (40, 56), block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

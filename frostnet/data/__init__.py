@@ -1,4 +1,4 @@
-"""Dataset loaders for frostnet: Fashion-MNIST, ImageFolder, Pascal VOC, Cityscapes.
+"""Dataset loaders for frostnet: Fashion-MNIST, FashionScenes, ImageFolder, Pascal VOC, Cityscapes, COCO.
 
 All loaders read local files only (no downloads). Use :func:`build_dataset`
 to go from a command-line style spec such as ``fashion_mnist`` or
@@ -17,6 +17,7 @@ from .cityscapes import (
     Cityscapes,
     label_ids_to_train_ids,
 )
+from .coco import CocoDetection
 from .fashion_mnist import (
     DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
@@ -42,6 +43,14 @@ from .imagefolder import (
     imagenet_eval_transform,
     imagenet_train_transform,
 )
+from .scenes import (
+    EDGE_THRESHOLD,
+    FOREGROUND_THRESHOLD,
+    SCENES_CATEGORIES,
+    SCENES_DEFAULT_NUM_IMAGES,
+    FashionScenes,
+    SceneItem,
+)
 from .transforms import (
     IGNORE_INDEX,
     IMAGENET_MEAN,
@@ -53,8 +62,13 @@ from .transforms import (
     SegRandomHorizontalFlip,
     SegRandomScale,
     SegResize,
+    check_mask_ids,
+    check_mask_size,
+    clean_boxes,
+    dense_transform,
     segmentation_eval_transform,
     segmentation_train_transform,
+    single_thread,
 )
 from .voc import (
     VOC_CLASSES,
@@ -64,6 +78,7 @@ from .voc import (
     VOCSegmentation,
     detection_collate,
     parse_voc_xml,
+    read_voc_classes,
 )
 
 __all__ = [
@@ -82,9 +97,16 @@ __all__ = [
     "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "SegCenterCrop", "SegCompose",
     "SegNormalize", "SegRandomCrop", "SegRandomHorizontalFlip", "SegRandomScale",
     "SegResize", "segmentation_eval_transform", "segmentation_train_transform",
+    # Dense-task helpers (torchvision.transforms.v2)
+    "check_mask_ids", "check_mask_size", "clean_boxes", "dense_transform", "single_thread",
+    # FashionScenes
+    "EDGE_THRESHOLD", "FOREGROUND_THRESHOLD", "SCENES_CATEGORIES", "SCENES_DEFAULT_NUM_IMAGES",
+    "FashionScenes", "SceneItem",
+    # COCO
+    "CocoDetection",
     # VOC
     "VOC_CLASSES", "VOC_CLASSES_WITH_BACKGROUND", "VOCAnnotationError", "VOCDetection",
-    "VOCSegmentation", "detection_collate", "parse_voc_xml",
+    "VOCSegmentation", "detection_collate", "parse_voc_xml", "read_voc_classes",
     # Cityscapes
     "CITYSCAPES_CLASSES", "CITYSCAPES_LABEL_TO_TRAIN_ID", "Cityscapes",
     "label_ids_to_train_ids",
@@ -97,6 +119,7 @@ DATASET_SPECS: dict[str, tuple[bool, str]] = {
     "voc": (True, "voc:<VOCdevkit parent or VOCdevkit dir>  (detection, VOC2007)"),
     "voc_seg": (True, "voc_seg:<VOCdevkit parent or VOCdevkit dir>  (segmentation, VOC2012)"),
     "cityscapes": (True, "cityscapes:<root with leftImg8bit/ and gtFine/>"),
+    "fashion_scenes": (False, "fashion_scenes[:<dir with IDX files>]  (canvases of Fashion-MNIST items)"),
 }
 
 
@@ -142,4 +165,9 @@ def build_dataset(
         return VOCDetection(path, split=split, transform=transform, **kwargs)
     if name == "voc_seg":
         return VOCSegmentation(path, split=split, transform=transform, **kwargs)
+    if name == "fashion_scenes":
+        if transform is not None:
+            raise ValueError("fashion_scenes takes no transform; use frostnet.recipe.dense_data for batches")
+        return FashionScenes(path or None, split, **kwargs)
+
     return Cityscapes(path, split=split, transform=transform, **kwargs)

@@ -8,6 +8,10 @@ Expected tree::
 The ``labelIds`` PNGs hold the 34 raw Cityscapes label ids; training uses the
 19 evaluated classes, so ids are mapped through :data:`CITYSCAPES_LABEL_TO_TRAIN_ID`
 with every other id sent to 255 (ignored by the loss and the metric).
+
+Bad input: a labelIds value that is not a Cityscapes label id (0..33) nor 255, or a mask whose
+size differs from its image, raises naming the file. (``torchvision.datasets.Cityscapes`` would
+serve for reading the tree, but it returns PIL images of raw ids and checks neither.)
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .transforms import IGNORE_INDEX
+from .transforms import IGNORE_INDEX, check_mask_size
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -93,6 +98,11 @@ for _label_id, _train_id in CITYSCAPES_LABEL_TO_TRAIN_ID.items():
         _LUT[_label_id] = _train_id
 
 
+# Values a labelIds PNG may hold: the Cityscapes ids and the generic ignore value.
+_KNOWN = torch.zeros(256, dtype=torch.bool)
+_KNOWN[[i for i in CITYSCAPES_LABEL_TO_TRAIN_ID if i >= 0] + [IGNORE_INDEX]] = True
+
+
 def label_ids_to_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
     """Map raw Cityscapes label ids (0..255) to train ids (0..18, 255 ignore).
 
@@ -115,8 +125,8 @@ def label_ids_to_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
 class Cityscapes(Dataset):
     """Cityscapes ``gtFine`` semantic segmentation with 19 train ids.
 
-    ``dataset[i]`` returns ``(image, mask)``: ``(3, H, W)`` uint8 RGB and
-    ``(H, W)`` int64 train ids (255 = ignore), then the joint ``transform``
+    ``dataset[i]`` returns ``(image, mask)``: ``(3, H, W)`` uint8 RGB ``tv_tensors.Image`` and
+    ``(H, W)`` int64 train ids (255 = ignore) ``tv_tensors.Mask``, then the joint ``transform``
     (e.g. :func:`frostnet.data.transforms.segmentation_train_transform`).
     """
 
@@ -170,8 +180,12 @@ class Cityscapes(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def load_mask(self, index: int) -> torch.Tensor:
-        """Train-id mask ``(H, W)`` int64 of sample ``index``."""
+    def load_mask(self, index: int) -> tv_tensors.Mask:
+        """Train-id mask ``(H, W)`` int64 of sample ``index``.
+
+        Raises:
+            ValueError: A value that is neither a Cityscapes label id nor 255 (names the file).
+        """
         path = self.masks[index]
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I", "I;16"):
@@ -180,17 +194,17 @@ class Cityscapes(Dataset):
                     f"(the *_color.png files are not label ids)"
                 )
             ids = torch.from_numpy(np.array(img).astype(np.int64))
-        return label_ids_to_train_ids(ids)
+        bad = ~_KNOWN[ids.clamp(0, 255)] | (ids < 0) | (ids > 255)
+        if bool(bad.any()):
+            raise ValueError(f"{path}: label id(s) {sorted(set(ids[bad].tolist()))[:5]} are not Cityscapes "
+                             f"label ids (valid: 0..33, or {IGNORE_INDEX} = ignore)")
+        return tv_tensors.Mask(label_ids_to_train_ids(ids))
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         with Image.open(self.images[index]) as img:
-            image = TF.pil_to_tensor(img.convert("RGB"))
+            image = tv_tensors.Image(TF.pil_to_tensor(img.convert("RGB")))
         mask = self.load_mask(index)
-        if mask.shape != image.shape[-2:]:
-            raise ValueError(
-                f"{self.images[index]}: image {tuple(image.shape[-2:])} and mask "
-                f"{tuple(mask.shape)} sizes differ"
-            )
+        check_mask_size(image, mask, str(self.images[index]), str(self.masks[index]))
         if self.transform is not None:
             return self.transform(image, mask)
         return image, mask

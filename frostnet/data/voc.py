@@ -4,10 +4,22 @@ Expected tree (``root`` may be the directory containing ``VOCdevkit``, the
 ``VOCdevkit`` directory itself, or the ``VOC<year>`` directory)::
 
     VOCdevkit/VOC2007/Annotations/<id>.xml
-    VOCdevkit/VOC2007/JPEGImages/<id>.jpg
+    VOCdevkit/VOC2007/JPEGImages/<id>.jpg      (.jpeg or .png are accepted too)
     VOCdevkit/VOC2007/ImageSets/Main/{train,val,trainval,test}.txt
     VOCdevkit/VOC2007/ImageSets/Segmentation/{train,val,trainval}.txt
     VOCdevkit/VOC2007/SegmentationClass/<id>.png
+    VOCdevkit/VOC2007/classes.txt              (optional: class names for ids 1..C, one a line)
+
+These loaders are our own rather than ``torchvision.datasets.VOCDetection``/``VOCSegmentation``:
+those accept only ``.jpg`` images and the years 2007-2012 and return the raw XML dict, while
+datasets written in VOC layout by other tools (``tools/make_scenes.py``) use PNG images and
+their own classes. Samples are ``tv_tensors`` so ``torchvision.transforms.v2`` moves boxes and
+masks with the image.
+
+Bad input: boxes are clipped to the image and boxes that are fully outside or degenerate
+(inverted, or under 1 px after clipping) are dropped (:func:`frostnet.data.transforms.clean_boxes`);
+an image without objects has ``(0, 4)`` boxes; a mask value that is neither a class id nor 255,
+or a mask whose size differs from its image, raises naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .transforms import IGNORE_INDEX
+from .transforms import check_mask_ids, check_mask_size, clean_boxes
 
 __all__ = [
     "VOC_CLASSES",
@@ -33,6 +45,7 @@ __all__ = [
     "VOCAnnotationError",
     "parse_voc_xml",
     "find_voc_dir",
+    "read_voc_classes",
     "VOCDetection",
     "VOCSegmentation",
     "detection_collate",
@@ -50,9 +63,8 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 # Index == label id, handy for torchvision detectors (num_classes=21).
 VOC_CLASSES_WITH_BACKGROUND: tuple[str, ...] = ("__background__",) + VOC_CLASSES
-_CLASS_TO_LABEL = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
-
 VOC_SPLITS = ("train", "val", "trainval", "test")
+VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class VOCAnnotationError(ValueError):
@@ -76,7 +88,7 @@ def _number(node: ET.Element, tag: str, path: Path) -> float:
         raise VOCAnnotationError(f"{path}: <{tag}> is {value!r}, not a number") from None
 
 
-def parse_voc_xml(path: PathLike) -> dict[str, Any]:
+def parse_voc_xml(path: PathLike, classes: Sequence[str] = VOC_CLASSES) -> dict[str, Any]:
     """Parse one VOC annotation file.
 
     VOC stores 1-based, inclusive pixel indices: a box with ``xmin=1, xmax=10``
@@ -87,17 +99,20 @@ def parse_voc_xml(path: PathLike) -> dict[str, Any]:
 
     Args:
         path: Annotation XML file.
+        classes: Class names for labels 1..C (default the 20 VOC classes).
 
     Returns:
         Dict with ``filename`` (str), ``size`` (``(height, width)``),
-        ``boxes`` (float32 ``(K, 4)``), ``labels`` (int64 ``(K,)``, 1..20),
+        ``boxes`` (float32 ``(K, 4)``, as written: not clipped), ``labels`` (int64 ``(K,)``, 1..C),
         ``difficult`` (bool ``(K,)``) and ``names`` (list of class names).
 
     Raises:
-        VOCAnnotationError: Unparsable XML, missing fields, unknown class
-            name, or an inverted box; the message names the file.
+        VOCAnnotationError: Unparsable XML, missing fields or an unknown class
+            name; the message names the file. (Inverted boxes are returned as
+            they are and dropped by the datasets as degenerate.)
     """
     path = Path(path)
+    class_to_label = {name.lower(): i + 1 for i, name in enumerate(classes)}
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
@@ -109,21 +124,16 @@ def parse_voc_xml(path: PathLike) -> dict[str, Any]:
     boxes, labels, difficult, names = [], [], [], []
     for obj in root.iter("object"):
         name = _text(obj, "name", path).lower()
-        if name not in _CLASS_TO_LABEL:
+        if name not in class_to_label:
             raise VOCAnnotationError(
-                f"{path}: unknown class {name!r}; valid: {', '.join(VOC_CLASSES)}"
+                f"{path}: unknown class {name!r}; valid: {', '.join(classes)}"
             )
         bb = obj.find("bndbox")
         if bb is None:
             raise VOCAnnotationError(f"{path}: object {name!r} has no <bndbox>")
         xmin, ymin, xmax, ymax = (_number(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if xmax < xmin or ymax < ymin:
-            raise VOCAnnotationError(
-                f"{path}: inverted box for {name!r}: "
-                f"xmin={xmin} ymin={ymin} xmax={xmax} ymax={ymax}"
-            )
         boxes.append((xmin - 1.0, ymin - 1.0, xmax, ymax))
-        labels.append(_CLASS_TO_LABEL[name])
+        labels.append(class_to_label[name])
         difficult.append(_text(obj, "difficult", path, default="0") == "1")
         names.append(name)
     return {
@@ -162,9 +172,33 @@ def _read_ids(voc_dir: Path, kind: str, split: str) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _load_rgb(path: Path) -> tv_tensors.Image:
+def read_voc_classes(voc_dir: PathLike) -> tuple[str, ...]:
+    """Class names for labels 1..C: ``<voc_dir>/classes.txt`` if present, else :data:`VOC_CLASSES`.
+
+    ``classes.txt`` holds one name a line, in label order, without the background (the layout
+    ``tools/make_scenes.py`` writes).
+    """
+    path = Path(voc_dir) / "classes.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"VOC image {path} not found")
+        return VOC_CLASSES
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not names or names[0].lower() in ("background", "__background__"):
+        raise ValueError(f"{path}: expected class names for labels 1..C, one a line, without the "
+                         f"background, got {list(names[:3])}...")
+    return names
+
+
+def _image_path(voc_dir: Path, image_id: str) -> Path:
+    for suffix in VOC_IMAGE_SUFFIXES:
+        path = voc_dir / "JPEGImages" / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"VOC image {voc_dir / 'JPEGImages' / image_id}{{{','.join(VOC_IMAGE_SUFFIXES)}}} not found"
+    )
+
+
+def _load_rgb(path: Path) -> tv_tensors.Image:
     with Image.open(path) as img:
         return tv_tensors.Image(TF.pil_to_tensor(img.convert("RGB")))
 
@@ -178,7 +212,8 @@ class VOCDetection(Dataset):
       transform),
     * ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` float32 ``(K, 4)`` in
       XYXY format (see :func:`parse_voc_xml` for the coordinate convention),
-    * ``target["labels"]``: int64 ``(K,)`` in 1..20 (0 is background),
+      clipped to the image, degenerate boxes dropped,
+    * ``target["labels"]``: int64 ``(K,)`` in 1..C (0 is background),
     * ``target["difficult"]``: bool ``(K,)``,
     * ``target["image_id"]``: int index; ``dataset.ids[i]`` is the VOC id.
 
@@ -195,6 +230,7 @@ class VOCDetection(Dataset):
         split: str = "trainval",
         transform: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None,
         keep_difficult: bool = True,
+        classes: Optional[Sequence[str]] = None,
     ) -> None:
         """Index a split.
 
@@ -206,20 +242,22 @@ class VOCDetection(Dataset):
                 applied to the uint8 image; ``None`` converts to float [0, 1].
             keep_difficult: Keep objects flagged ``difficult`` (needed for the
                 official VOC mAP, which ignores them instead of counting misses).
+            classes: Names of labels 1..C; default :func:`read_voc_classes`.
         """
         self.voc_dir = find_voc_dir(root, year)
         self.split, self.year = split, year
         self.ids = _read_ids(self.voc_dir, "Main", split)
         self.transform = transform
         self.keep_difficult = keep_difficult
-        self.classes = VOC_CLASSES_WITH_BACKGROUND
+        self.names = tuple(classes) if classes is not None else read_voc_classes(self.voc_dir)
+        self.classes = ("__background__", *self.names)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def get_annotation(self, index: int) -> dict[str, Any]:
-        """Parsed annotation of sample ``index`` (no image decoding)."""
-        ann = parse_voc_xml(self.voc_dir / "Annotations" / f"{self.ids[index]}.xml")
+        """Parsed annotation of sample ``index`` (no image decoding; boxes as written)."""
+        ann = parse_voc_xml(self.voc_dir / "Annotations" / f"{self.ids[index]}.xml", self.names)
         if not self.keep_difficult:
             keep = ~ann["difficult"]
             ann["boxes"], ann["labels"], ann["difficult"] = (
@@ -229,14 +267,10 @@ class VOCDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         ann = self.get_annotation(index)
-        image = _load_rgb(self.voc_dir / "JPEGImages" / f"{self.ids[index]}.jpg")
-        h, w = image.shape[-2:]
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY", canvas_size=(h, w)),
-            "labels": ann["labels"],
-            "difficult": ann["difficult"],
-            "image_id": index,
-        }
+        image = _load_rgb(_image_path(self.voc_dir, self.ids[index]))
+        boxes = tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        target: dict[str, Any] = clean_boxes(boxes, ann["labels"], difficult=ann["difficult"])
+        target["image_id"] = index
         if self.transform is not None:
             return self.transform(image, target)
         return TF.to_dtype(image, torch.float32, scale=True), target
@@ -258,10 +292,11 @@ def detection_collate(batch: Sequence[tuple[Any, dict]]) -> tuple[list[Any], lis
 class VOCSegmentation(Dataset):
     """Pascal VOC semantic segmentation (``SegmentationClass`` palette PNGs).
 
-    ``dataset[i]`` returns ``(image, mask)``: a ``(3, H, W)`` uint8 image and an
-    ``(H, W)`` int64 mask with 0 = background, 1..20 = :data:`VOC_CLASSES`
-    and 255 = object boundary / ignore. The palette PNG's pixel values are the
-    class indices, so the palette colours are never needed.
+    ``dataset[i]`` returns ``(image, mask)``: a ``(3, H, W)`` uint8
+    ``tv_tensors.Image`` and an ``(H, W)`` int64 ``tv_tensors.Mask`` with 0 =
+    background, 1..C = the classes (:data:`VOC_CLASSES` unless ``classes.txt``
+    says otherwise) and 255 = object boundary / ignore. The palette PNG's pixel
+    values are the class indices, so the palette colours are never needed.
     """
 
     def __init__(
@@ -270,6 +305,7 @@ class VOCSegmentation(Dataset):
         year: str = "2012",
         split: str = "train",
         transform: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[Any, Any]]] = None,
+        classes: Optional[Sequence[str]] = None,
     ) -> None:
         """Index a split.
 
@@ -279,19 +315,25 @@ class VOCSegmentation(Dataset):
             split: One of ``train``, ``val``, ``trainval`` (``test`` if present).
             transform: Joint ``(image, mask)`` transform, e.g.
                 :func:`frostnet.data.transforms.segmentation_train_transform`.
+            classes: Names of labels 1..C; default :func:`read_voc_classes`.
         """
         self.voc_dir = find_voc_dir(root, year)
         self.split, self.year = split, year
         self.ids = _read_ids(self.voc_dir, "Segmentation", split)
         self.transform = transform
-        self.classes = VOC_CLASSES_WITH_BACKGROUND
+        self.names = tuple(classes) if classes is not None else read_voc_classes(self.voc_dir)
+        self.classes = ("__background__", *self.names)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load_mask(self, index: int) -> torch.Tensor:
+    def mask_path(self, index: int) -> Path:
+        """The ``SegmentationClass`` PNG of sample ``index``."""
+        return self.voc_dir / "SegmentationClass" / f"{self.ids[index]}.png"
+
+    def load_mask(self, index: int) -> tv_tensors.Mask:
         """Read the class-index mask of sample ``index`` as int64 ``(H, W)``."""
-        path = self.voc_dir / "SegmentationClass" / f"{self.ids[index]}.png"
+        path = self.mask_path(index)
         if not path.is_file():
             raise FileNotFoundError(f"VOC segmentation mask {path} not found")
         with Image.open(path) as img:
@@ -303,23 +345,14 @@ class VOCSegmentation(Dataset):
                     f"grayscale ('L') PNG holding class indices"
                 )
             mask = torch.from_numpy(np.array(img, dtype=np.uint8)).long()
-        bad = (mask > len(VOC_CLASSES)) & (mask != IGNORE_INDEX)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{path}: mask value {int(mask[bad][0])} is not a class id "
-                f"(valid: 0..{len(VOC_CLASSES)} or {IGNORE_INDEX})"
-            )
-        return mask
+        check_mask_ids(mask, len(self.names), str(path))
+        return tv_tensors.Mask(mask)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = _load_rgb(self.voc_dir / "JPEGImages" / f"{self.ids[index]}.jpg")
-        image = image.as_subclass(torch.Tensor)  # plain tensor for the Seg* transforms
+        image_path = _image_path(self.voc_dir, self.ids[index])
+        image = _load_rgb(image_path)
         mask = self.load_mask(index)
-        if mask.shape != image.shape[-2:]:
-            raise ValueError(
-                f"VOC sample {self.ids[index]}: image {tuple(image.shape[-2:])} and mask "
-                f"{tuple(mask.shape)} sizes differ"
-            )
+        check_mask_size(image, mask, str(image_path), str(self.mask_path(index)))
         if self.transform is not None:
             return self.transform(image, mask)
         return image, mask
