@@ -56,7 +56,7 @@ def test_dense_statassist_gradboost_run_writes_fake_quant_and_int8_metrics(tmp_p
         for prefix in ("fp32", "fake_quant", "int8_x86", "int8_qnnpack"):
             value = final[f"{prefix}_{k}"]
             assert 0.0 <= value <= 1.0, (prefix, k, value)
-    assert final["task"] == frostnet.get_model_task(model) and final["split"] == "test"
+    assert final["task"] == frostnet.models.get_model_task(model) and final["split"] == "test"
     assert set(final["files"]) == {"fp32", "int8_x86", "int8_qnnpack"}
     # the exported INT8 file rebuilds a model that runs on the scene inputs
     int8 = load_int8(final["files"]["int8_x86"])
@@ -139,3 +139,25 @@ def test_classification_only_flags_are_refused_for_dense_models(tmp_path):
     args = get_args_parser().parse_args(_tiny("espnet", tmp_path / "x", "--label-smoothing", "0.1"))
     with pytest.raises(ValueError, match="--label-smoothing 0.1 applies to classification models only"):
         main(args)
+
+
+@pytest.mark.parametrize("model", ["tiny_dsod", "ssdlite_mobilenet_v2"])
+def test_qat_detector_int8_file_rebuilds_the_converted_model_bit_for_bit(tmp_path, model):
+    """Tiny-DSOD's FP32 last layers are Conv-BN: QAT trains them as a float ConvBn2d, and convert
+    folds them so that the file (rebuilt by an eval-mode fusion) holds the same modules."""
+    from frostnet import quant
+    from frostnet.serialization import save_int8
+
+    torch.manual_seed(0)
+    m = frostnet.get_model(model, num_classes=11)
+    quant.prepare_qat(m, "x86")
+    images = [torch.rand(3, 64, 64) for _ in range(4)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])} for _ in range(4)]
+    m.train()
+    sum(m(images, targets).values()).backward()
+    int8 = quant.convert(m, "x86")
+    save_int8(int8, tmp_path / "m.safetensors", arch=model, backend="x86", builder_kwargs={"num_classes": 11})
+    rebuilt = load_int8(tmp_path / "m.safetensors")
+    x = torch.stack(images)
+    for a, b in zip(int8.raw_outputs(x), rebuilt.raw_outputs(x)):
+        assert torch.equal(a, b)

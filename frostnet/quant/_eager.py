@@ -312,7 +312,29 @@ def convert(model: nn.Module, backend: str = "x86", *, inplace: bool = False) ->
     _settle_scalar_only_observers(model)
     with _simulated_qparams(model):
         _ao_convert(model, inplace=True)
+    _fold_float_conv_bn(model)
     return model
+
+
+def _fold_float_conv_bn(model: nn.Module) -> None:
+    """Fold the Conv-BN pairs that stay FP32 in a converted model (layers without a qconfig, such
+    as the detectors' last layers) into one convolution.
+
+    QAT fuses them in training mode into a float ``ConvBn2d`` (BN keeps training), which torch's
+    convert leaves as it is; an INT8 file is rebuilt by fusing in evaluation mode, which folds
+    BN into the convolution. Folding here makes the converted model and the rebuilt one the
+    same modules with the same tensors.
+    """
+    intrinsic = torch.ao.nn.intrinsic
+    for name, child in list(model.named_children()):
+        if type(child) in (intrinsic.ConvBn1d, intrinsic.ConvBn2d, intrinsic.ConvBn3d):
+            setattr(model, name, torch.nn.utils.fusion.fuse_conv_bn_eval(child[0], child[1]))
+        elif type(child) in (intrinsic.ConvBnReLU1d, intrinsic.ConvBnReLU2d, intrinsic.ConvBnReLU3d):
+            relu_cls = {intrinsic.ConvBnReLU1d: intrinsic.ConvReLU1d, intrinsic.ConvBnReLU2d: intrinsic.ConvReLU2d,
+                        intrinsic.ConvBnReLU3d: intrinsic.ConvReLU3d}[type(child)]
+            setattr(model, name, relu_cls(torch.nn.utils.fusion.fuse_conv_bn_eval(child[0], child[1]), child[2]))
+        else:
+            _fold_float_conv_bn(child)
 
 
 def quantize_ptq(model: nn.Module, batches: Iterable[torch.Tensor], backend: str = "x86") -> nn.Module:
