@@ -210,6 +210,14 @@ class WeightsEntry:
     def num_classes(self) -> int:
         return int(self.builder_kwargs.get("num_classes", len(self.categories)))
 
+    def transforms(self) -> Any:
+        """The eval preprocessing these weights expect (torchvision's ``weights.transforms()``):
+        a ``torchvision.transforms.v2.Compose`` from a PIL image or image tensor to a normalized
+        ``(C, H, W)`` float tensor of ``input_size`` (see :func:`frostnet.transforms.weights_transforms`)."""
+        from .transforms import weights_transforms
+
+        return weights_transforms(self.dataset, self.input_size, self.mean, self.std)
+
     @property
     def meta(self) -> dict[str, Any]:
         """The entry as a plain dict (torchvision's ``weights.meta``), including its name."""
