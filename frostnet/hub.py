@@ -79,6 +79,7 @@ __all__ = [
     "local_weights_dir",
     "local_weights_dirs",
     "make_manifest_entry",
+    "portable_recipe",
     "read_manifest",
     "resolve_file",
     "set_hf_revision",
@@ -305,6 +306,33 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Flags whose value is where a run writes: recorded as runs/<name>, the README's convention.
+_OUTPUT_FLAGS = ("--output-dir",)
+# System data packages (Debian's dataset-fashion-mnist) are the same path on every machine.
+_PORTABLE_PREFIXES = ("/usr/share/",)
+
+
+def portable_recipe(command: str) -> str:
+    """``command`` without the paths of the machine that ran it: ``--output-dir /root/x/run``
+    becomes ``--output-dir runs/run`` (also ``--output-dir=...``). Other absolute paths are kept
+    (:func:`validate_entry` reports them)."""
+    tokens = command.split(" ")
+    out = []
+    for i, tok in enumerate(tokens):
+        flag, eq, value = tok.partition("=")
+        if eq and flag in _OUTPUT_FLAGS and value.startswith("/"):
+            tok = f"{flag}=runs/{Path(value).name}"
+        elif i > 0 and tokens[i - 1] in _OUTPUT_FLAGS and tok.startswith("/"):
+            tok = f"runs/{Path(tok).name}"
+        out.append(tok)
+    return " ".join(out)
+
+
+def _machine_paths(command: str) -> list[str]:
+    paths = [t.partition("=")[2] if "=" in t else t for t in command.split()]
+    return [p for p in paths if p.startswith(("/", "~")) and not p.startswith(_PORTABLE_PREFIXES)]
+
+
 def validate_entry(name: str, entry: Mapping[str, Any], *, check_registry: bool = True) -> list[str]:
     """Problems of one manifest entry (empty list: valid). Cross-entry rules are in
     :func:`validate_manifest`."""
@@ -386,6 +414,11 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, check_registry: bool 
     bad_metrics = {k: v for k, v in entry["metrics"].items() if not _is_number(v)}
     if bad_metrics:
         problems.append(f"metrics must map names to finite numbers, got {bad_metrics!r}")
+    for key in ("recipe", "metrics_command"):
+        machine = _machine_paths(entry[key] or "")
+        if machine:
+            problems.append(f"{key} holds paths of the machine that ran it {machine}: use paths relative to the "
+                            "checkout (frostnet.hub.portable_recipe rewrites --output-dir to runs/<name>)")
     if entry["metrics"] and not entry["metrics_command"]:
         problems.append("metrics need metrics_command: the exact command that measured them")
     if not entry["license"]:
@@ -1021,7 +1054,8 @@ def make_manifest_entry(
         tag: the middle part of the name (default: ``dataset``), e.g. ``fashion_mnist_statassist``.
         metrics: measured metrics, e.g. ``{"acc@1": 93.2}``; needs ``metrics_command``.
         metrics_command: the exact command that measured them.
-        recipe: the exact command that produced the file.
+        recipe: the exact command that produced the file (``--output-dir`` becomes
+            ``runs/<name>``: see :func:`portable_recipe`).
         base: for INT8 files, the name of the FP32 entry they were converted from.
         default: make it the default for its (arch, format, backend).
         hf_repo_id: Hub repo (default ``<HF_ORG>/<arch>.<tag>``, plus ``.int8`` for INT8 files).
@@ -1082,7 +1116,7 @@ def make_manifest_entry(
         "builder_kwargs": kwargs,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "metrics_command": metrics_command,
-        "recipe": recipe,
+        "recipe": portable_recipe(recipe) if recipe is not None else None,
         "base": base,
         "license": license,
         "default": default,
