@@ -78,6 +78,7 @@ __all__ = [
     "load_weights",
     "local_weights_dir",
     "local_weights_dirs",
+    "machine_paths",
     "make_manifest_entry",
     "portable_recipe",
     "read_manifest",
@@ -315,7 +316,7 @@ _PORTABLE_PREFIXES = ("/usr/share/",)
 def portable_recipe(command: str) -> str:
     """``command`` without the paths of the machine that ran it: ``--output-dir /root/x/run``
     becomes ``--output-dir runs/run`` (also ``--output-dir=...``). Other absolute paths are kept
-    (:func:`validate_entry` reports them)."""
+    (:func:`machine_paths` lists them)."""
     tokens = command.split(" ")
     out = []
     for i, tok in enumerate(tokens):
@@ -328,7 +329,10 @@ def portable_recipe(command: str) -> str:
     return " ".join(out)
 
 
-def _machine_paths(command: str) -> list[str]:
+def machine_paths(command: str) -> list[str]:
+    """The absolute paths in ``command`` that only exist on the machine that ran it (system
+    data packages under ``/usr/share/`` are the same everywhere). Published recipes have none
+    (a test checks the packaged manifest)."""
     paths = [t.partition("=")[2] if "=" in t else t for t in command.split()]
     return [p for p in paths if p.startswith(("/", "~")) and not p.startswith(_PORTABLE_PREFIXES)]
 
@@ -414,11 +418,6 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, check_registry: bool 
     bad_metrics = {k: v for k, v in entry["metrics"].items() if not _is_number(v)}
     if bad_metrics:
         problems.append(f"metrics must map names to finite numbers, got {bad_metrics!r}")
-    for key in ("recipe", "metrics_command"):
-        machine = _machine_paths(entry[key] or "")
-        if machine:
-            problems.append(f"{key} holds paths of the machine that ran it {machine}: use paths relative to the "
-                            "checkout (frostnet.hub.portable_recipe rewrites --output-dir to runs/<name>)")
     if entry["metrics"] and not entry["metrics_command"]:
         problems.append("metrics need metrics_command: the exact command that measured them")
     if not entry["license"]:
