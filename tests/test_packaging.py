@@ -124,5 +124,47 @@ def test_ci_script_installs_the_data_and_runs_the_readme_test_command():
     assert "export CI=true" in script and "dataset-fashion-mnist" in script
     assert "torch==2.14.1 torchvision==0.29.1" in script
     readme = (ROOT / "README.md").read_text()
-    command = 'python -m pip install -q -e ".[dev]" && python -m pytest -q'
-    assert command in script and command in readme
+    # the same install and the same pytest invocation as the README's test command
+    assert '-e ".[dev]" && python -m pytest -q\n' in script
+    assert 'pip install -e ".[dev]" && python -m pytest -q\n' in readme
+
+
+def test_readme_is_a_front_door_with_generated_tables():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) < 15_000
+    sections = [line for line in readme.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Quick start"
+    quick = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert quick == ["pip install -e . && python tools/predict.py",
+                     'pip install -e ".[dev]" && python -m pytest -q']
+    assert "frostnet.models._" not in readme  # no private module in the examples
+    for link in ("docs/models.md", "docs/weights-and-format.md", "docs/training-recipe.md", "docs/quantization.md",
+                 "docs/experiments.md", "docs/benchmarks.md", "docs/deployment.md", "docs/scenes.md",
+                 "docs/dense-training-speed.md", "CHANGELOG.md", "CITATION.cff", "LICENSE"):
+        assert f"]({link})" in readme, link
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frostnet_tools_docs_tables", ROOT / "tools" / "docs_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    assert tables.outdated() == {}, "run: python tools/docs_tables.py"
+    assert "| `frostnet_small_1_0` | classification | fashion_mnist | top-1 " in readme
+    with pytest.raises(ValueError, match=r"x.md has no '<!-- table:weights-summary:start -->'"):
+        tables.render("no markers", "weights-summary", "|a|", "x.md")
+
+
+def test_readme_snippets_run():
+    import re
+
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    code = "\n".join(blocks).replace("...                                       # your training loop",
+                                     "model(torch.randn(2, 3, 32, 32))")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the snippets open examples/ relative to the checkout
+    try:
+        with pytest.warns(UserWarning, match="except the classifier head for num_classes=5"):
+            exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
