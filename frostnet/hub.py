@@ -499,7 +499,7 @@ def _load_json(path: Path) -> Any:
 
 
 def read_manifest(path: Optional[PathLike] = None) -> dict[str, WeightsEntry]:
-    """Read and validate a manifest (default: ``$FROSTNET_MANIFEST`` or the checkout's
+    """Read and validate a manifest (default: ``$FROSTNET_MANIFEST`` or the packaged
     ``weights_manifest.json``); returns name -> :class:`WeightsEntry`.
 
     Raises:
