@@ -5,13 +5,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 import frostnet
 from frostnet import hub
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "frostnet_small_1_0.fashion_mnist.int8_x86"
@@ -76,7 +80,7 @@ def test_pyproject_declares_license_extras_and_package_data():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
     assert project["license"] == "MIT" and "MIT License" in (ROOT / "LICENSE").read_text()
-    assert {"pytest", "jsonschema", "setuptools"} <= {d.split(">")[0] for d in project["optional-dependencies"]["dev"]}
+    assert {"pytest", "jsonschema", "setuptools", "tomli"} <= {d.split(">")[0] for d in project["optional-dependencies"]["dev"]}
     assert all("==" not in d for d in project["dependencies"])  # lower bounds only
     data = meta["tool"]["setuptools"]["package-data"]["frostnet"]
     assert {"weights_manifest.json", "weights_manifest.schema.json", "py.typed"} <= set(data)
