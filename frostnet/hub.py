@@ -1,7 +1,8 @@
 """Weights of the zoo: the manifest, where files are found, how they are verified and loaded.
 
-Every published checkpoint has one entry in ``weights_manifest.json`` at the root of the
-checkout, named ``<arch>.<dataset tag>.<fp32 | int8_<backend>>``::
+This is the layer above :mod:`frostnet.models` that attaches weights (the models know nothing
+of files or the Hub). Every published checkpoint has one entry in the manifest that ships inside
+the package (``frostnet/weights_manifest.json``), named ``<arch>.<dataset tag>.<fp32 | int8_<backend>>``::
 
     frostnet.list_weights("frostnet_small_1_0.*")
     model = frostnet.get_model("frostnet_small_1_0", weights="DEFAULT")                  # FP32
@@ -11,25 +12,29 @@ checkout, named ``<arch>.<dataset tag>.<fp32 | int8_<backend>>``::
 A file is looked for, in this order (:func:`resolve_file`):
 
 1. an explicit ``path`` (a file, or a directory holding the file);
-2. ``<checkout>/weights/<file>`` (or ``$FROSTNET_WEIGHTS_DIR``);
+2. ``$FROSTNET_WEIGHTS_DIR/<file>``, then ``<checkout>/weights/<file>`` when frostnet runs
+   from a checkout (or an editable install);
 3. the Hugging Face Hub through :func:`huggingface_hub.hf_hub_download` at the entry's pinned
    revision: its cache is used first and ``HF_HUB_OFFLINE=1`` is honoured (cache only);
 
 and otherwise a :class:`WeightsNotFoundError` says where it looked and how to get the file.
 The manifest's sha256 is checked before any byte of the file is deserialized.
 
-Model builders get ``weights=`` / ``quantized=`` / ``backend=`` through
-:func:`build_with_weights`, which any model family can reuse.
+:func:`get_model` (``frostnet.get_model``) and :func:`entrypoint` (``hubconf.py``) give every
+registered model, of every task, ``weights=`` / ``quantized=`` / ``backend=`` through
+:func:`build_with_weights`.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +70,17 @@ __all__ = [
     "add_manifest_entry",
     "build_with_weights",
     "default_weights",
+    "entrypoint",
     "export_int8",
+    "get_model",
     "get_weights",
     "list_weights",
     "load_weights",
     "local_weights_dir",
+    "local_weights_dirs",
+    "machine_paths",
     "make_manifest_entry",
+    "portable_recipe",
     "read_manifest",
     "resolve_file",
     "set_hf_revision",
@@ -82,10 +92,13 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 MANIFEST_FORMAT_VERSION = 1
-#: The checkout this package lives in (``weights_manifest.json`` and ``weights/`` sit there).
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST_PATH = REPO_ROOT / "weights_manifest.json"
-WEIGHTS_DIR = REPO_ROOT / "weights"
+#: The manifest ships inside the package (package data), so an installed wheel knows every entry.
+MANIFEST_PATH = Path(__file__).resolve().parent / "weights_manifest.json"
+#: The checkout this package lives in, or None when it is installed (a wheel in site-packages).
+REPO_ROOT: Optional[Path] = (Path(__file__).resolve().parents[1]
+                             if (Path(__file__).resolve().parents[1] / "pyproject.toml").is_file() else None)
+#: A checkout's weights folder (None for an installed package).
+WEIGHTS_DIR: Optional[Path] = REPO_ROOT / "weights" if REPO_ROOT is not None else None
 #: Hugging Face organization that default Hub repo ids are created under.
 HF_ORG = "frostnet"
 FORMATS: tuple[str, ...] = ("fp32", "int8")
@@ -199,6 +212,14 @@ class WeightsEntry:
     def num_classes(self) -> int:
         return int(self.builder_kwargs.get("num_classes", len(self.categories)))
 
+    def transforms(self) -> Any:
+        """The eval preprocessing these weights expect (torchvision's ``weights.transforms()``):
+        a ``torchvision.transforms.v2.Compose`` from a PIL image or image tensor to a normalized
+        ``(C, H, W)`` float tensor of ``input_size`` (see :func:`frostnet.transforms.weights_transforms`)."""
+        from .transforms import weights_transforms
+
+        return weights_transforms(self.dataset, self.input_size, self.mean, self.std)
+
     @property
     def meta(self) -> dict[str, Any]:
         """The entry as a plain dict (torchvision's ``weights.meta``), including its name."""
@@ -284,6 +305,36 @@ def _is_number(v: object) -> bool:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Flags whose value is where a run writes: recorded as runs/<name>, the README's convention.
+_OUTPUT_FLAGS = ("--output-dir",)
+# System data packages (Debian's dataset-fashion-mnist) are the same path on every machine.
+_PORTABLE_PREFIXES = ("/usr/share/",)
+
+
+def portable_recipe(command: str) -> str:
+    """``command`` without the paths of the machine that ran it: ``--output-dir /root/x/run``
+    becomes ``--output-dir runs/run`` (also ``--output-dir=...``). Other absolute paths are kept
+    (:func:`machine_paths` lists them)."""
+    tokens = command.split(" ")
+    out = []
+    for i, tok in enumerate(tokens):
+        flag, eq, value = tok.partition("=")
+        if eq and flag in _OUTPUT_FLAGS and value.startswith("/"):
+            tok = f"{flag}=runs/{Path(value).name}"
+        elif i > 0 and tokens[i - 1] in _OUTPUT_FLAGS and tok.startswith("/"):
+            tok = f"runs/{Path(tok).name}"
+        out.append(tok)
+    return " ".join(out)
+
+
+def machine_paths(command: str) -> list[str]:
+    """The absolute paths in ``command`` that only exist on the machine that ran it (system
+    data packages under ``/usr/share/`` are the same everywhere). Published recipes have none
+    (a test checks the packaged manifest)."""
+    paths = [t.partition("=")[2] if "=" in t else t for t in command.split()]
+    return [p for p in paths if p.startswith(("/", "~")) and not p.startswith(_PORTABLE_PREFIXES)]
 
 
 def validate_entry(name: str, entry: Mapping[str, Any], *, check_registry: bool = True) -> list[str]:
@@ -448,7 +499,7 @@ def _load_json(path: Path) -> Any:
 
 
 def read_manifest(path: Optional[PathLike] = None) -> dict[str, WeightsEntry]:
-    """Read and validate a manifest (default: ``$FROSTNET_MANIFEST`` or the checkout's
+    """Read and validate a manifest (default: ``$FROSTNET_MANIFEST`` or the packaged
     ``weights_manifest.json``); returns name -> :class:`WeightsEntry`.
 
     Raises:
@@ -544,9 +595,26 @@ def weights_name(arch: str, tag: str, format: str, backend: Optional[str] = None
 # ------------------------------------------------------------------------------- resolution
 
 
+def local_weights_dirs() -> list[Path]:
+    """The local weights folders, in lookup order: ``$FROSTNET_WEIGHTS_DIR`` (if set), then the
+    checkout's ``weights/`` (when frostnet runs from a checkout or an editable install)."""
+    dirs = [Path(os.environ["FROSTNET_WEIGHTS_DIR"])] if os.environ.get("FROSTNET_WEIGHTS_DIR") else []
+    if WEIGHTS_DIR is not None and WEIGHTS_DIR not in dirs:
+        dirs.append(WEIGHTS_DIR)
+    return dirs
+
+
 def local_weights_dir() -> Path:
-    """The local weights folder: ``$FROSTNET_WEIGHTS_DIR`` or ``<checkout>/weights``."""
-    return Path(os.environ.get("FROSTNET_WEIGHTS_DIR", WEIGHTS_DIR))
+    """Where new weights files go: ``$FROSTNET_WEIGHTS_DIR``, else the checkout's ``weights/``.
+
+    Raises:
+        WeightsNotFoundError: neither is available (an installed package without the variable).
+    """
+    dirs = local_weights_dirs()
+    if not dirs:
+        raise WeightsNotFoundError("no local weights folder: set FROSTNET_WEIGHTS_DIR=<folder> "
+                                   "(frostnet is installed, not run from a checkout with a weights/ folder)")
+    return dirs[0]
 
 
 def _env_offline() -> bool:
@@ -575,8 +643,8 @@ def resolve_file(
     Args:
         entry: the manifest entry.
         path: an explicit file, or a directory holding ``entry.file``.
-        weights_dir: the local weights folder (default ``$FROSTNET_WEIGHTS_DIR`` or
-            ``<checkout>/weights``).
+        weights_dir: the local weights folder (default: ``$FROSTNET_WEIGHTS_DIR``, then the
+            checkout's ``weights/``; see :func:`local_weights_dirs`).
         cache_dir: the Hugging Face Hub cache (default: huggingface_hub's, i.e. ``HF_HUB_CACHE``
             or ``HF_HOME/hub``).
         local_files_only: only look in the Hub cache, never on the network (default: True when
@@ -592,11 +660,14 @@ def resolve_file(
         if candidate.is_file():
             return candidate
         looked.append(f"the explicit path {str(candidate)!r} (no such file)")
-    wdir = Path(weights_dir) if weights_dir is not None else local_weights_dir()
-    local = wdir / entry.file
-    if local.is_file():
-        return local
-    looked.append(f"the weights folder {str(local)!r} (no such file)")
+    wdirs = [Path(weights_dir)] if weights_dir is not None else local_weights_dirs()
+    for wdir in wdirs:
+        local = wdir / entry.file
+        if local.is_file():
+            return local
+        looked.append(f"the weights folder {str(local)!r} (no such file)")
+    if not wdirs:
+        looked.append("no local weights folder (FROSTNET_WEIGHTS_DIR is not set and frostnet is not a checkout)")
     offline = _env_offline() if local_files_only is None else local_files_only
     revision = entry.hf.revision or "main"
     where = f"Hugging Face Hub {entry.hf.repo_id}/{entry.hf.filename} at revision {revision}"
@@ -617,8 +688,12 @@ def resolve_file(
     except Exception as e:  # network, auth, missing repo/file/revision, offline cache miss
         mode = "cache only (offline)" if offline else "cache, then network"
         looked.append(f"the {where}, {mode}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    target = wdirs[0] if wdirs else Path("<folder>")
     how = [
-        f"hf download {entry.hf.repo_id} {entry.hf.filename} --revision {revision} --local-dir {wdir}",
+        f"hf download {entry.hf.repo_id} {entry.hf.filename} --revision {revision} --local-dir {target}"
+        + ("" if weights_dir is not None or os.environ.get("FROSTNET_WEIGHTS_DIR") else
+           f" and set FROSTNET_WEIGHTS_DIR={target}" if not wdirs else ""),
+        "or put the file in a folder and set FROSTNET_WEIGHTS_DIR=<that folder>",
         "or pass path=<the file> if you have it elsewhere",
     ]
     if entry.recipe:
@@ -642,32 +717,65 @@ def _random_int8(model: nn.Module, backend: str, in_channels: int) -> nn.Module:
     return quant.quantize_ptq(model.eval(), [batch], backend)
 
 
-def _merge_kwargs(kwargs: dict[str, Any], stored: Mapping[str, Any], source: str, categories: Optional[int]) -> dict[str, Any]:
-    merged = dict(kwargs)
+def _builder_params(build: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``build`` takes (for error messages and stored-kwargs checks)."""
+    return dict(inspect.signature(build).parameters)
+
+
+def _merge_kwargs(kwargs: dict[str, Any], stored: Mapping[str, Any], source: str, categories: Optional[int],
+                  params: Mapping[str, inspect.Parameter]) -> tuple[dict[str, Any], Optional[int]]:
+    """The builder arguments for loading weights: the file's, overridden by none of the user's.
+
+    Returns ``(merged, new_num_classes)``: a ``num_classes`` that differs from the weights is not
+    an error but a new head (timm's behaviour); ``merged`` builds the weights' architecture.
+    """
+    merged = {k: v for k, v in kwargs.items() if v is not None}
+    new_classes: Optional[int] = None
     for key, value in stored.items():
-        given = kwargs.get(key)
-        if key not in kwargs and key != "num_classes":
+        if key not in params:
             raise ValueError(f"weights {source} were built with {key}={value!r}, which this builder does not take")
-        if given is None:
-            merged[key] = value
-        elif given != value:
-            if key == "num_classes":
-                raise ValueError(
-                    f"num_classes={given} conflicts with the {value} categories of weights {source}; "
-                    f"omit num_classes (or pass num_classes={value}), or use weights=None to train a "
-                    f"{given}-class model from scratch"
-                )
-            raise ValueError(f"{key}={given!r} conflicts with weights {source}, built with {key}={value!r}; "
-                             f"pass {key}={value!r} or omit it")
-    if merged.get("num_classes") is None and categories is not None:
+        given = kwargs.get(key)
+        if given is not None and given != value:
+            if key != "num_classes":
+                raise ValueError(f"{key}={given!r} conflicts with weights {source}, built with {key}={value!r}; "
+                                 f"pass {key}={value!r} or omit it")
+            new_classes = given
+        merged[key] = value
+    if "num_classes" not in merged and categories is not None and "num_classes" in params:
         merged["num_classes"] = categories
-    return merged
+    given = kwargs.get("num_classes")
+    if given is not None and merged.get("num_classes") not in (None, given):
+        new_classes = given
+    return merged, new_classes
 
 
 def _is_path(weights: object) -> bool:
     if isinstance(weights, os.PathLike):
         return True
     return isinstance(weights, str) and (weights.endswith(".safetensors") or os.sep in weights)
+
+
+def _check_kwargs(arch: str, kwargs: Mapping[str, Any], params: Mapping[str, inspect.Parameter]) -> None:
+    from .models._registry import check_foreign_kwargs
+
+    check_foreign_kwargs(dict(kwargs))
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown:
+        valid = ["weights", "quantized", "backend", *params]
+        raise TypeError(f"{arch} got unexpected keyword arguments {unknown}; valid: {', '.join(valid)}")
+
+
+def _new_head(model: nn.Module, build: Callable[[], nn.Module], source: str, num_classes: int) -> nn.Module:
+    """``build()`` (the same architecture with ``num_classes`` outputs) holding every tensor of
+    ``model`` whose shape still fits: all but the classifier head, which keeps its fresh init."""
+    target = build()
+    loaded, state = model.state_dict(), target.state_dict()
+    reset = sorted(k for k, v in state.items() if k not in loaded or loaded[k].shape != v.shape)
+    target.load_state_dict({k: (state[k] if k in reset else loaded[k]) for k in state}, strict=True)
+    warnings.warn(f"loaded weights {source} except the classifier head for num_classes={num_classes} "
+                  f"(randomly initialized: {', '.join(reset)}); fine-tune before use", UserWarning, stacklevel=4)
+    target.reset_keys = reset  # type: ignore[assignment]
+    return target
 
 
 def build_with_weights(
@@ -684,32 +792,29 @@ def build_with_weights(
     local_files_only: Optional[bool] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """The body of every public builder: build, load weights, quantize.
-
-    Model families call it from their builders::
-
-        def lraspp_frostnet_small(*, weights=None, quantized=False, backend=None, num_classes=None, **kw):
-            return build_with_weights("lraspp_frostnet_small", _lraspp, weights=weights, quantized=quantized,
-                                      backend=backend, num_classes=num_classes, **kw)
+    """Build ``arch`` with ``build`` (an architecture builder), load weights, quantize: the one
+    place that attaches weights to a model of any task (timm's ``_builder.py``).
 
     Args:
         arch: registry name of the model.
-        build: builds the float model from ``**kwargs``.
+        build: builds the float model from ``**kwargs`` (its signature says which it takes).
         weights: None (random init), ``"DEFAULT"`` (the manifest default for ``arch``: FP32, or
             INT8 for ``backend`` if ``quantized``), a manifest name, or a ``.safetensors`` path.
         quantized: return a converted INT8 model. With ``weights=None`` the random float model
             is quantized by a quick PTQ on one fixed random batch (as torchvision does): useful
             for benchmarks and shape checks, not for predictions. With weights, they must be an
             INT8 entry (FP32 weights need a calibration set: use ``tools/convert.py``).
-        backend: INT8 engine (x86, fbgemm, qnnpack); default: the backend of the INT8 weights,
-            else ``x86``. The global quantized engine is set to it.
-        manifest: a manifest path or parsed entries (default: the checkout's manifest).
+        backend: INT8 engine (x86, fbgemm, qnnpack), only with ``quantized=True``; default: the
+            backend of the INT8 weights, else ``x86``. The global quantized engine is set to it.
+        manifest: a manifest path or parsed entries (default: the packaged manifest).
         path, weights_dir, cache_dir, local_files_only: see :func:`resolve_file`.
-        **kwargs: builder arguments; ``num_classes=None`` means "from the weights" (or the
-            builder's default); a value that conflicts with the weights raises.
+        **kwargs: builder arguments; None means "from the weights" (or the builder's default).
+            A ``num_classes`` other than the FP32 weights' loads all but the classifier head
+            and warns (timm's behaviour); other conflicts raise.
 
     Raises:
         ValueError: conflicting arguments (naming both values) or unknown weights/backend.
+        TypeError: an argument the builder does not take (naming the valid ones).
         WeightsError: the file is missing, corrupted or does not fit.
     """
     from . import quant
@@ -718,15 +823,19 @@ def build_with_weights(
         raise TypeError(f"quantized must be True or False, got {quantized!r}")
     if backend is not None:
         quant.check_backend(backend)
-    if kwargs.get("features_only") and quantized and weights is not None:
-        raise ValueError("INT8 weights hold a whole classifier and cannot be loaded into a features_only model; "
+        if not quantized:
+            raise ValueError(f"backend={backend!r} only applies with quantized=True (it picks the INT8 engine); "
+                             "pass quantized=True, or drop backend")
+    params = _builder_params(build)
+    _check_kwargs(arch, kwargs, params)
+    features_only = bool(kwargs.get("features_only"))
+    if features_only and quantized and weights is not None:
+        raise ValueError("INT8 weights hold a whole network and cannot be loaded into a features_only model; "
                          "load FP32 weights with features_only=True and quantize the backbone yourself")
     if weights is None:
-        if kwargs.get("num_classes", 0) is None:
-            del kwargs["num_classes"]
-        model = build(**kwargs)
+        model = build(**{k: v for k, v in kwargs.items() if v is not None})
         if quantized:
-            model = _random_int8(model, backend or "x86", int(kwargs.get("in_channels", getattr(model, "in_channels", 3))))
+            model = _random_int8(model, backend or "x86", int(kwargs.get("in_channels") or getattr(model, "in_channels", 3)))
         return model
 
     file_path: Optional[Path] = None
@@ -773,12 +882,16 @@ def build_with_weights(
         raise ValueError(f"backend={backend!r} conflicts with weights {source}, converted for {file_backend!r}"
                          + (f"; the {backend} weights are {', '.join(others)}" if others else ""))
 
-    features_only = bool(kwargs.get("features_only"))
     if features_only:
         stored.pop("num_classes", None)
         kwargs.pop("num_classes", None)
         categories = None
-    merged = _merge_kwargs(kwargs, stored, source, categories)
+    merged, new_classes = _merge_kwargs(kwargs, stored, source, categories, params)
+    if new_classes is not None and fmt == "int8":
+        raise ValueError(
+            f"num_classes={new_classes} conflicts with the {merged['num_classes']} classes of INT8 weights {source}: "
+            f"an INT8 head cannot be retrained; omit num_classes, or load the FP32 weights "
+            f"(quantized=False) to fine-tune a {new_classes}-class head")
 
     def make() -> nn.Module:
         return build(**merged)
@@ -792,12 +905,74 @@ def build_with_weights(
     if fmt == "fp32":
         model = make()
         meta = load_fp32_into(model, file_path, expected_sha256=sha, arch=arch, allow_unexpected=features_only)
+        if new_classes is not None:
+            model = _new_head(model, lambda: build(**{**merged, "num_classes": new_classes}), source, new_classes)
     else:
         model = load_int8(file_path, expected_sha256=sha, arch=arch, backend=file_backend, build=make)
         meta = read_metadata(file_path) if entry is None else {}
-    model.weights_meta = entry.meta if entry is not None else {"file": str(file_path), **{
+    weights_meta = entry.meta if entry is not None else {"file": str(file_path), **{
         k: v for k, v in meta.items() if k != "layout"}}
+    if new_classes is not None:  # the categories and metrics belong to the old head
+        weights_meta = {**weights_meta, "categories": None, "metrics": {}, "num_classes": new_classes}
+    model.weights_meta = weights_meta
     return model
+
+
+def get_model(
+    name: str,
+    *,
+    weights: Union[None, str, PathLike, WeightsEntry] = None,
+    quantized: bool = False,
+    backend: Optional[str] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the registered model ``name``, with weights if asked: every task, one way.
+
+    Args:
+        name: a name from :func:`frostnet.list_models`.
+        weights: None (random init), ``"DEFAULT"``, a name from :func:`list_weights` or a
+            ``.safetensors`` path.
+        quantized: return the converted INT8 model (INT8 weights, or a quick PTQ of random ones).
+        backend: INT8 engine (x86, fbgemm, qnnpack); only with ``quantized=True``.
+        **kwargs: the architecture's arguments (``num_classes``, ``in_channels``,
+            ``features_only``, ...); see the builder's docstring.
+
+    Example::
+
+        model = frostnet.get_model("frostnet_small_1_0", weights="DEFAULT", quantized=True)
+        seg = frostnet.get_model("lraspp_mobilenet_v3_large_re", num_classes=19)
+    """
+    from .models import get_model_builder
+
+    return build_with_weights(name, get_model_builder(name), weights=weights, quantized=quantized, backend=backend,
+                              **kwargs)
+
+
+_ENTRYPOINT_DOC = """
+
+    Weights (added by ``frostnet.get_model``, as for every frostnet model):
+        weights: None (random initialization), ``"DEFAULT"`` (the default weights of this
+            model: FP32, or INT8 for ``backend`` with ``quantized=True``), a name from
+            ``frostnet.list_weights("{name}.*")`` or a ``.safetensors`` path.
+        quantized: return a converted INT8 model.
+        backend: INT8 engine, ``x86``, ``fbgemm`` or ``qnnpack`` (only with ``quantized=True``).
+"""
+
+
+def entrypoint(name: str) -> Callable[..., nn.Module]:
+    """A ``torch.hub`` entrypoint for model ``name``: :func:`get_model` with ``name`` bound and
+    the builder's docstring (what ``torch.hub.help`` shows) plus the weights arguments."""
+    from .models import get_model_builder
+
+    builder = get_model_builder(name)
+
+    def load(*, weights: Union[None, str, PathLike] = None, quantized: bool = False, backend: Optional[str] = None,
+             **kwargs: Any) -> nn.Module:
+        return get_model(name, weights=weights, quantized=quantized, backend=backend, **kwargs)
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = (builder.__doc__ or name).rstrip() + _ENTRYPOINT_DOC.format(name=name)
+    return load
 
 
 def load_weights(
@@ -827,26 +1002,20 @@ def load_weights(
     else:
         entry = get_weights(str(weights), manifest=manifest)
     if entry is not None:
-        arch, quantized, backend = entry.arch, entry.quantized, entry.backend
-        kwargs: dict[str, Any] = dict(entry.builder_kwargs)
+        arch, quantized = entry.arch, entry.quantized
     else:
         meta = read_metadata(weights)  # type: ignore[arg-type]
         if meta.get("format") not in (FP32_FORMAT, INT8_FORMAT):
             raise WeightsError(f"{os.fspath(weights)!r} is not a frostnet weights file (format {meta.get('format')!r})")
-        arch, quantized, backend = meta.get("arch", ""), meta["format"] == INT8_FORMAT, meta.get("backend")
-        kwargs = file_builder_kwargs(weights, meta)  # type: ignore[arg-type]
+        arch, quantized = meta.get("arch", ""), meta["format"] == INT8_FORMAT
     try:
         builder = get_model_builder(arch)
     except ValueError as e:
         raise WeightsError(f"weights {getattr(entry, 'name', weights)!r} name an unknown architecture: {e}") from None
-
-    def build(**kw: Any) -> nn.Module:
-        return builder(**kw)
-
-    kwargs = {k: None for k in kwargs}  # everything comes from the weights
-    return build_with_weights(arch, build, weights=entry if entry is not None else weights, quantized=quantized,
-                              backend=backend, manifest=manifest, path=path, weights_dir=weights_dir,
-                              cache_dir=cache_dir, local_files_only=local_files_only, **kwargs)
+    # everything comes from the weights (backend too: the file's)
+    return build_with_weights(arch, builder, weights=entry if entry is not None else weights, quantized=quantized,
+                              manifest=manifest, path=path, weights_dir=weights_dir, cache_dir=cache_dir,
+                              local_files_only=local_files_only)
 
 
 # -------------------------------------------------------------------------- writing entries
@@ -884,7 +1053,8 @@ def make_manifest_entry(
         tag: the middle part of the name (default: ``dataset``), e.g. ``fashion_mnist_statassist``.
         metrics: measured metrics, e.g. ``{"acc@1": 93.2}``; needs ``metrics_command``.
         metrics_command: the exact command that measured them.
-        recipe: the exact command that produced the file.
+        recipe: the exact command that produced the file (``--output-dir`` becomes
+            ``runs/<name>``: see :func:`portable_recipe`).
         base: for INT8 files, the name of the FP32 entry they were converted from.
         default: make it the default for its (arch, format, backend).
         hf_repo_id: Hub repo (default ``<HF_ORG>/<arch>.<tag>``, plus ``.int8`` for INT8 files).
@@ -945,7 +1115,7 @@ def make_manifest_entry(
         "builder_kwargs": kwargs,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "metrics_command": metrics_command,
-        "recipe": recipe,
+        "recipe": portable_recipe(recipe) if recipe is not None else None,
         "base": base,
         "license": license,
         "default": default,

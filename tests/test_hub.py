@@ -106,12 +106,14 @@ def _hf_cache(cache: Path, entry: hub.WeightsEntry, src: Path, commit: str = COM
 
 
 def test_checkout_manifest_is_valid():
-    data = json.loads((ROOT / "weights_manifest.json").read_text())
+    assert hub.MANIFEST_PATH == ROOT / "frostnet" / "weights_manifest.json"  # package data
+    data = json.loads(hub.MANIFEST_PATH.read_text())
     assert hub.validate_manifest(data) == []
-    entries = hub.read_manifest(ROOT / "weights_manifest.json")
+    entries = hub.read_manifest(hub.MANIFEST_PATH)
     for name, entry in data["weights"].items():  # the fields other tools read
         assert entry["file"] == entries[name].file and len(entry["sha256"]) == 64
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # in the dev extra: a missing test dependency fails, it does not skip
+
     schema = json.loads((ROOT / "frostnet/weights_manifest.schema.json").read_text())
     jsonschema.validate(data, schema)
 
@@ -165,7 +167,8 @@ def test_validators_reject_bad_entries(zoo, what, mutate):
     mutate(entry)
     data["weights"][FP32] = entry
     assert hub.validate_entry(FP32, entry), what
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # in the dev extra: a missing test dependency fails, it does not skip
+
     schema = json.loads((ROOT / "frostnet/weights_manifest.schema.json").read_text())
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(data)), what
 
@@ -258,8 +261,6 @@ def test_builder_default_weights_fp32_and_int8(env, x):
 
 
 def test_builder_argument_conflicts(env):
-    with pytest.raises(ValueError, match=r"num_classes=100 conflicts with the 10 categories of weights"):
-        frostnet.get_model(ARCH, weights="DEFAULT", num_classes=100)
     assert frostnet.get_model(ARCH, weights="DEFAULT", num_classes=10).num_classes == 10
     with pytest.raises(ValueError, match=rf"FP32 but quantized=True needs INT8 weights: use one of {QNN}, {X86}"):
         frostnet.get_model(ARCH, weights=FP32, quantized=True)
@@ -275,7 +276,7 @@ def test_builder_argument_conflicts(env):
     entries = {k: dataclasses.replace(v, builder_kwargs={**v.builder_kwargs, "in_channels": 3})
                for k, v in hub.read_manifest(env["manifest"]).items()}
     with pytest.raises(ValueError, match=rf"in_channels=1 conflicts with weights '{FP32}', built with in_channels=3"):
-        hub.build_with_weights(ARCH, _float_builder, weights=FP32,
+        hub.build_with_weights(ARCH, frostnet.models.get_model_builder(ARCH), weights=FP32,
                                manifest=entries, num_classes=None, in_channels=1)
     with pytest.raises(ValueError, match="unknown quantization backend 'arm'"):
         frostnet.get_model(ARCH, quantized=True, backend="arm")
@@ -285,8 +286,41 @@ def test_builder_argument_conflicts(env):
         frostnet.get_model(ARCH, quantized="yes")
 
 
-def _float_builder(**kwargs):
-    return frostnet.models.get_model_builder(ARCH)(**kwargs)
+def test_builder_other_num_classes_loads_all_but_the_head(env, x):
+    """timm's behaviour: a num_classes other than the FP32 weights' gets a fresh head, and a warning."""
+    with pytest.warns(UserWarning, match=rf"loaded weights '{FP32}' except the classifier head for num_classes=3 "
+                                         r"\(randomly initialized: classifier.2.bias, classifier.2.weight\)"):
+        model = frostnet.get_model(ARCH, weights="DEFAULT", num_classes=3).eval()
+    assert model.num_classes == 3 and model.reset_keys == ["classifier.2.bias", "classifier.2.weight"]
+    ref = env["model"].state_dict()
+    for key, value in model.state_dict().items():
+        if key not in model.reset_keys:
+            assert torch.equal(value, ref[key]), key
+    assert model.weights_meta["categories"] is None and model.weights_meta["num_classes"] == 3
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"num_classes=3 conflicts with the 10 classes of INT8 weights .*"
+                                         r"load the FP32 weights \(quantized=False\) to fine-tune a 3-class head"):
+        frostnet.get_model(ARCH, weights="DEFAULT", quantized=True, num_classes=3)
+
+
+def test_foreign_and_stray_keywords_raise(env):
+    with pytest.raises(TypeError, match=r"frostnet takes weights='DEFAULT' .*not pretrained=True \(the torchvision/timm"):
+        frostnet.get_model(ARCH, pretrained=True)
+    with pytest.raises(TypeError, match=r"frostnet takes quantized=True, not quantize=True"):
+        frostnet.get_model(ARCH, quantize=True)
+    with pytest.raises(TypeError, match=r"frostnet takes quantized=True, not quantize=True"):
+        frostnet.models.get_model(ARCH, quantize=True)
+    with pytest.raises(ValueError, match=r"backend='qnnpack' only applies with quantized=True"):
+        frostnet.get_model(ARCH, backend="qnnpack")
+    with pytest.raises(ValueError, match=r"backend='x86' only applies with quantized=True"):
+        frostnet.get_model(ARCH, weights="DEFAULT", backend="x86")
+    with pytest.raises(TypeError, match=r"got unexpected keyword arguments \['colour'\]; valid: weights, quantized, "
+                                        r"backend, num_classes"):
+        frostnet.get_model(ARCH, colour="red")
+    with pytest.raises(TypeError, match=r"frostnet.models.get_model builds architectures only; for weights= use "
+                                        r"frostnet.get_model\('espnet', ...\)"):
+        frostnet.models.get_model("espnet", weights="DEFAULT")
 
 
 def test_builder_features_only_and_random_int8(env, x):
@@ -468,3 +502,160 @@ def test_publish_dry_run_writes_the_repo_folders(env, tmp_path):
     assert publish.cli([FP32, "--manifest", str(env["manifest"]), "--dry-run", "--out", str(out), "--overwrite"]) == 0
     with pytest.raises(ValueError, match="matches no manifest entry"):
         publish.cli(["frostnet_large_*", "--manifest", str(env["manifest"]), "--dry-run", "--out", str(out)])
+
+
+# ------------------------------------------------------------------ local folders, packaging
+
+
+def test_local_folders_env_then_checkout_then_error_naming_the_variable(env, tmp_path, monkeypatch):
+    entry = hub.get_weights(FP32)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+    shutil.copyfile(env["weights"] / entry.file, second / entry.file)
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", second)  # stands in for the checkout's weights/
+    monkeypatch.setenv("FROSTNET_WEIGHTS_DIR", str(first))
+    assert hub.local_weights_dirs() == [first, second]
+    assert hub.resolve_file(entry) == second / entry.file
+    shutil.copyfile(env["weights"] / entry.file, first / entry.file)
+    assert hub.resolve_file(entry) == first / entry.file  # $FROSTNET_WEIGHTS_DIR first
+    # an installed package (no checkout) without the variable: the error says what to set
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", None)
+    monkeypatch.delenv("FROSTNET_WEIGHTS_DIR")
+    with pytest.raises(hub.WeightsNotFoundError) as info:
+        hub.resolve_file(entry, cache_dir=tmp_path / "cache")
+    msg = str(info.value)
+    assert "FROSTNET_WEIGHTS_DIR is not set and frostnet is not a checkout" in msg
+    assert f"Hugging Face Hub frostnet/{ARCH}.fashion_mnist/{entry.file}" in msg
+    assert "set FROSTNET_WEIGHTS_DIR=<that folder>" in msg
+    with pytest.raises(hub.WeightsNotFoundError, match="set FROSTNET_WEIGHTS_DIR=<folder>"):
+        hub.local_weights_dir()
+
+
+def test_recipes_hold_no_machine_paths(zoo):
+    assert hub.portable_recipe("python tools/train.py --output-dir /root/frostnet-runs/small --resume auto") == \
+        "python tools/train.py --output-dir runs/small --resume auto"
+    assert hub.portable_recipe("train --output-dir=/tmp/x/run7") == "train --output-dir=runs/run7"
+    assert hub.portable_recipe("train --output-dir runs/a") == "train --output-dir runs/a"
+    for name, entry in hub.read_manifest(hub.MANIFEST_PATH).items():
+        assert hub.machine_paths(entry.recipe or "") == [] and hub.machine_paths(entry.metrics_command or "") == [], name
+        assert "--output-dir runs/" in entry.recipe
+    assert hub.machine_paths("train --output-dir /home/me/run --data-root=/data/x") == ["/home/me/run", "/data/x"]
+    assert hub.machine_paths("train --root /usr/share/datasets/fashion-mnist") == []  # the same on every machine
+    # make_manifest_entry rewrites the output dir of the recipe it is given
+    _, made = hub.make_manifest_entry(zoo["weights"] / f"{FP32}.safetensors", dataset="fashion_mnist",
+                                      recipe="python tools/train.py --output-dir /root/runs/abc")
+    assert made["recipe"] == "python tools/train.py --output-dir runs/abc"
+
+
+def test_models_import_nothing_from_hub_or_serialization():
+    """Layers point down: model modules do not know where weights come from (the import graph)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "frostnet" / "models").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" if mod else a.name for a in node.names]
+                if node.level >= 2:  # from .. import hub / from ..hub import x
+                    names = [f"frostnet.{n}".rstrip(".") for n in names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                if any(part in ("hub", "serialization") for part in n.split(".")):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
+    assert offenders == []
+
+
+def test_weights_transforms_match_the_training_preprocessing(tmp_path):
+    from PIL import Image
+
+    from frostnet.data import prepare_batch
+
+    entry = hub.get_weights("frostnet_small_1_0.fashion_mnist.int8_x86", manifest=hub.MANIFEST_PATH)
+    preprocess = entry.transforms()
+    img = Image.open(ROOT / "examples" / "ankle_boot_test0.png")
+    pixels = torch.from_numpy(__import__("numpy").asarray(img.convert("L")).copy())
+    ref = prepare_batch(pixels[None], size=32, mean=entry.mean[0], std=entry.std[0])[0]
+    assert torch.equal(preprocess(img), ref)
+    # the same picture as 16-bit and float images: scaled, not binarised
+    import numpy as np
+
+    Image.fromarray(np.asarray(pixels.numpy(), dtype=np.uint16) * 257).save(tmp_path / "a16.png")
+    Image.fromarray(pixels.numpy().astype(np.float32) / 255).save(tmp_path / "af.tiff")
+    for name in ("a16.png", "af.tiff"):
+        assert torch.allclose(preprocess(Image.open(tmp_path / name)), ref, atol=1e-5), name
+    # RGB input of another size is converted to gray and resized to 28x28 first
+    assert preprocess(img.convert("RGB").resize((56, 56))).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match=r"float \(mode F\) image must hold values in \[0, 1\], got 0..255"):
+        Image.fromarray(pixels.numpy().astype(np.float32)).save(tmp_path / "bad.tiff")
+        preprocess(Image.open(tmp_path / "bad.tiff"))
+
+
+# ------------------------------------------------------------- dense models with weights=
+
+DENSE_TAG = "tiny_scenes"
+DENSE = {"segmentation": "espnet", "detection": "tiny_dsod"}
+
+
+@pytest.fixture(scope="module")
+def dense_zoo(tmp_path_factory):
+    """A segmenter and a detector published (FP32 + INT8 x86) into a temporary weights folder
+    and manifest through make_manifest_entry/add_manifest_entry, as tools/add_weights.py does."""
+    root = tmp_path_factory.mktemp("dense")
+    weights, manifest = root / "weights", root / "weights_manifest.json"
+    weights.mkdir()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    categories = ["background", "shirt", "boot", "bag", "sneaker"]
+    out = {"weights": weights, "manifest": manifest, "x": x, "ref": {}}
+    for task, arch in DENSE.items():
+        torch.manual_seed(0)
+        model = frostnet.get_model(arch, num_classes=5).eval()
+        fp32 = weights / f"{arch}.{DENSE_TAG}.fp32.safetensors"
+        save_fp32(model, fp32, arch=arch, num_classes=5)
+        int8 = quant.quantize_ptq(model, [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))], "x86")
+        hub.export_int8(int8, "x86", weights / f"{arch}.{DENSE_TAG}.int8_x86.safetensors", arch=arch,
+                        builder_kwargs={"num_classes": 5})
+        for path in (fp32, weights / f"{arch}.{DENSE_TAG}.int8_x86.safetensors"):
+            name, entry = hub.make_manifest_entry(
+                path, dataset=DENSE_TAG, categories=categories, input_size=(3, 64, 64), mean=[0.5] * 3,
+                std=[0.25] * 3, default=True, recipe="python tools/train.py --task " + task + " --output-dir /x/y")
+            hub.add_manifest_entry(name, entry, manifest_path=manifest)
+        with torch.no_grad():
+            out["ref"][arch] = {"fp32": model(x), "int8": int8(x)}
+    return out
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("task", sorted(DENSE))
+def test_dense_models_take_weights_quantized_backend(dense_zoo, monkeypatch, task):
+    arch = DENSE[task]
+    monkeypatch.setenv("FROSTNET_MANIFEST", str(dense_zoo["manifest"]))
+    monkeypatch.setenv("FROSTNET_WEIGHTS_DIR", str(dense_zoo["weights"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x, ref = dense_zoo["x"], dense_zoo["ref"][arch]
+    fp32 = frostnet.get_model(arch, weights="DEFAULT").eval()
+    assert fp32.weights_meta["name"] == f"{arch}.{DENSE_TAG}.fp32" and fp32.weights_meta["task"] == task
+    assert fp32.weights_meta["recipe"].endswith("--output-dir runs/y")
+    int8 = frostnet.get_model(arch, weights="DEFAULT", quantized=True, backend="x86")
+    hubbed = torch.hub.load(str(ROOT), arch, source="local", trust_repo=True, weights="DEFAULT", quantized=True)
+    with torch.no_grad():
+        assert _same(fp32(x), ref["fp32"])
+        assert _same(int8(x), ref["int8"]) and _same(hubbed(x), ref["int8"])  # INT8 rebuilt bit for bit
+    with pytest.warns(UserWarning, match="except the classifier head for num_classes=6"):
+        five = frostnet.get_model(arch, weights="DEFAULT", num_classes=6)
+    assert five.reset_keys and all(k not in five.reset_keys for k in fp32.state_dict() if "weight" in k and
+                                   fp32.state_dict()[k].shape == five.state_dict()[k].shape)
+    with pytest.raises(ValueError, match=r"backend='qnnpack' conflicts with weights .*converted for 'x86'"):
+        frostnet.get_model(arch, weights=f"{arch}.{DENSE_TAG}.int8_x86", quantized=True, backend="qnnpack")
+    with pytest.raises(ValueError, match=r"no default INT8 \(qnnpack\) weights exist"):
+        frostnet.get_model(arch, weights="DEFAULT", quantized=True, backend="qnnpack")

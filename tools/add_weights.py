@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     run = json.loads((args.export_dir / "run.json").read_text())
-    final, recipe = run["final"], run["recipe"]
+    # the recorded command names the training machine's --output-dir: published as runs/<name>
+    final, recipe = run["final"], hub.portable_recipe(run["recipe"])
     dataset = run["data"]["name"]
     args.weights_dir.mkdir(parents=True, exist_ok=True)
     files = sorted(args.export_dir.glob("*.safetensors"), key=lambda p: (".int8_" in p.name, p.name))

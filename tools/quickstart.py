@@ -20,10 +20,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", default="frostnet_small_1_0", help="a hub entrypoint (see hubconf.py)")
-    parser.add_argument("--backend", default="x86", help="INT8 engine: x86, fbgemm or qnnpack")
+    parser.add_argument("--backend", default="x86", choices=("x86", "fbgemm", "qnnpack"), help="INT8 engine")
     parser.add_argument("--size", type=int, default=224, help="input resolution")
     return parser
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "get_model", "get_model_builder", "get_model_task"]
+__all__ = ["check_foreign_kwargs", "get_model", "get_model_builder", "get_model_task", "list_models", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _TASKS: dict[str, str] = {}
@@ -62,6 +62,30 @@ def get_model_task(name: str) -> str:
     return _TASKS[name]
 
 
+# Keywords that belong to the weights layer above the models (frostnet.get_model), and the
+# torchvision/timm spellings users bring from elsewhere.
+_WEIGHTS_KWARGS = ("weights", "quantized", "backend")
+_FOREIGN_KWARGS = {"pretrained": "weights='DEFAULT' (or a name from frostnet.list_weights())",
+                   "quantize": "quantized=True"}
+
+
+def check_foreign_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise a TypeError naming frostnet's keyword for torchvision/timm's ``pretrained``/``quantize``."""
+    for key, ours in _FOREIGN_KWARGS.items():
+        if key in kwargs:
+            raise TypeError(f"frostnet takes {ours}, not {key}={kwargs[key]!r} (the torchvision/timm spelling)")
+
+
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``; ``kwargs`` go to its builder, which rejects unknown ones."""
-    return get_model_builder(name)(**kwargs)
+    """Build the architecture ``name`` with random weights; ``kwargs`` go to its builder.
+
+    Weights (``weights=``, ``quantized=``, ``backend=``) are attached one layer up: use
+    :func:`frostnet.get_model`.
+    """
+    builder = get_model_builder(name)
+    check_foreign_kwargs(kwargs)
+    given = [k for k in _WEIGHTS_KWARGS if k in kwargs]
+    if given:
+        raise TypeError(f"frostnet.models.get_model builds architectures only; for {', '.join(given)}= use "
+                        f"frostnet.get_model({name!r}, ...)")
+    return builder(**kwargs)

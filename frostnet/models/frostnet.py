@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..hub import build_with_weights
 from ..quant import DeQuantStub, FloatFunctional, QuantStub
+from ._features import FeatureInfo
 from ._layers import ConvBNAct, check_image_input, fuse_conv_bn_act, init_weights, make_divisible
 from ._registry import register_model
 
@@ -27,6 +26,8 @@ MODES: tuple[str, ...] = ("small", "base", "large")
 WIDTHS: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0, 1.25)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 LAST_CHANNELS = 1280
+#: Taps a features_only FrostNet returns by default: strides 4, 8, 16, 32.
+DEFAULT_OUT_INDICES: tuple[int, ...] = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class FrostNet(nn.Module):
         dropout: float = 0.2,
         output_stride: int = 32,
         features_only: bool = False,
-        out_indices: Sequence[int] = (1, 2, 3, 4),
+        out_indices: Sequence[int] = DEFAULT_OUT_INDICES,
         name: str = "FrostNet",
     ) -> None:
         super().__init__()
@@ -226,7 +227,9 @@ class FrostNet(nn.Module):
                 feature_info.append(dict(num_chs=channels, reduction=current_stride, module=stage))
             if stage == last_stage:
                 break
-        self.feature_info: list[dict[str, object]] = feature_info
+        # Describes exactly what forward returns: the out_indices taps with features_only, every
+        # tap of the network otherwise (which backbone_with_fpn picks from).
+        self.feature_info = FeatureInfo(feature_info, out_indices if features_only else range(len(feature_info)))
         if features_only:
             self.dequant = nn.ModuleList(DeQuantStub() for _ in out_indices)
             self._tap_modules = {feature_info[i]["module"]: k for k, i in enumerate(out_indices)}
@@ -284,7 +287,7 @@ def frostnet(
     output_stride: int = 32,
     dilated: bool = False,
     features_only: bool = False,
-    out_indices: Sequence[int] = (1, 2, 3, 4),
+    out_indices: Optional[Sequence[int]] = None,
 ) -> FrostNet:
     """Build FrostNet-``mode`` (small/base/large) at ``width`` (0.35, 0.5, 0.75, 1.0, 1.25).
 
@@ -297,8 +300,12 @@ def frostnet(
         output_stride: 32, 16 or 8; below 32 the last strides become dilations.
         dilated: shorthand for ``output_stride=16`` (segmentation backbones).
         features_only: return feature maps (see ``FrostNet.feature_info``) instead of logits.
-        out_indices: feature taps to return with ``features_only`` (0..4).
+        out_indices: feature taps to return with ``features_only`` (0..4, default 1..4); an error
+            without ``features_only`` (a classifier returns logits, not taps).
     """
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={tuple(out_indices)!r} only applies with features_only=True (a classifier "
+                         "returns logits); pass features_only=True, or drop out_indices")
     stages = frostnet_config(mode, width)
     if dilated:
         if output_stride not in (16, 32):
@@ -312,7 +319,7 @@ def frostnet(
         dropout=dropout,
         output_stride=output_stride,
         features_only=features_only,
-        out_indices=out_indices,
+        out_indices=DEFAULT_OUT_INDICES if out_indices is None else out_indices,
         name=_model_name(mode, width),
     )
 
@@ -321,57 +328,41 @@ def _model_name(mode: str, width: float) -> str:
     return f"frostnet_{mode}_{str(width).replace('.', '_')}"
 
 
-def _make_builder(mode: str, width: float) -> Callable[..., nn.Module]:
+def _make_builder(mode: str, width: float) -> Callable[..., FrostNet]:
     name = _model_name(mode, width)
 
+    # Architecture only: weights are attached above the models (frostnet.get_model / torch.hub),
+    # so no model module knows where weights come from.
     def builder(
         *,
-        weights: Optional[str] = None,
-        quantized: bool = False,
-        backend: Optional[str] = None,
-        num_classes: Optional[int] = None,
+        num_classes: int = 1000,
         in_channels: int = 3,
         dropout: float = 0.2,
         output_stride: int = 32,
         dilated: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] = (1, 2, 3, 4),
-    ) -> nn.Module:
-        return build_with_weights(
-            name,
-            partial(frostnet, mode, width),
-            weights=weights,
-            quantized=quantized,
-            backend=backend,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            dropout=dropout,
-            output_stride=output_stride,
-            dilated=dilated,
-            features_only=features_only,
-            out_indices=out_indices,
-        )
+        out_indices: Optional[Sequence[int]] = None,
+    ) -> FrostNet:
+        return frostnet(mode, width, num_classes=num_classes, in_channels=in_channels, dropout=dropout,
+                        output_stride=output_stride, dilated=dilated, features_only=features_only,
+                        out_indices=out_indices)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"""FrostNet-{mode.capitalize()} at width {width}.
 
     Args:
-        weights: None (random initialization), ``"DEFAULT"`` (the manifest's default weights
-            for this model: FP32, or INT8 for ``backend`` with ``quantized=True``), a name from
-            ``frostnet.list_weights("{name}.*")``, or a path to a ``.safetensors`` file.
-        quantized: return a converted INT8 model (with ``weights=None``: random weights
-            quantized by a quick PTQ on a fixed random batch, for benchmarks and shape checks).
-        backend: INT8 engine, ``x86``, ``fbgemm`` or ``qnnpack`` (default: the backend of the
-            INT8 weights, else ``x86``).
-        num_classes: classifier outputs (default: the number of categories of the weights,
-            else 1000); a value conflicting with the weights raises a ValueError.
-        **others: ``in_channels``, ``dropout``, ``output_stride``, ``dilated``,
-            ``features_only``, ``out_indices``: see :func:`frostnet.models.frostnet.frostnet`.
+        num_classes: classifier outputs (with weights: default their number of categories).
+        in_channels: input image channels.
+        dropout: dropout before the classifier conv.
+        output_stride: 32, 16 or 8; below 32 the last strides become dilations.
+        dilated: shorthand for ``output_stride=16``.
+        features_only: return feature maps (see ``model.feature_info``) instead of logits.
+        out_indices: taps to return with ``features_only`` (0..4 = strides 2, 4, 8, 16, 32).
 
     Example::
 
         model = frostnet.get_model({name!r}, num_classes=10)
-        model = torch.hub.load("<frostnet checkout>", {name!r}, source="local", weights="DEFAULT", quantized=True)
+        int8 = frostnet.get_model({name!r}, weights="DEFAULT", quantized=True)
     """
     return builder
 

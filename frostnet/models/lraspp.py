@@ -318,7 +318,7 @@ def lraspp_frostnet(mode: str, width: float, *, num_classes: int = NUM_CLASSES, 
     # The head consumes the taps in INT8: the per-tap DeQuantStubs of features_only become
     # identities, so there is no dequantize/quantize round trip between backbone and head.
     backbone.dequant = nn.ModuleList(nn.Identity() for _ in taps)
-    low, high = (int(backbone.feature_info[i]["num_chs"]) for i in taps)  # type: ignore[call-overload]
+    low, high = backbone.feature_info.channels()
     return LRASPP(
         backbone,
         low_channels=low,

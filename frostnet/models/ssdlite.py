@@ -276,7 +276,7 @@ def ssdlite_frostnet(
     backbone = frostnet(mode, width, in_channels=in_channels, features_only=True, out_indices=_FROSTNET_TAPS)
     backbone.quant = nn.Identity()
     backbone.dequant = nn.ModuleList(nn.Identity() for _ in _FROSTNET_TAPS)
-    channels = [int(backbone.feature_info[i]["num_chs"]) for i in _FROSTNET_TAPS]  # type: ignore[call-overload]
+    channels = backbone.feature_info.channels()
     body = SSDLiteBody(backbone, channels, num_classes=num_classes, num_anchors=SSDLITE_PRIORS.num_anchors)
     return SSDDetector(body, SSDLITE_PRIORS, num_classes=num_classes, in_channels=in_channels,
                        name=_model_name(mode, width), image_size=300, score_thresh=score_thresh,
