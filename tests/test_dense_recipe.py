@@ -14,9 +14,18 @@ import torch
 import frostnet
 from frostnet.data import FashionMNIST
 from frostnet.recipe import get_args_parser, main
-from frostnet.serialization import load_fp32, load_int8, save_fp32
+from frostnet.serialization import load_fp32, load_int8, save_fp32  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _evaluate_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frostnet_tools_evaluate", ROOT / "tools/evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _has_fashion_mnist() -> bool:
@@ -59,9 +68,11 @@ def test_dense_statassist_gradboost_run_writes_fake_quant_and_int8_metrics(tmp_p
     assert final["task"] == frostnet.models.get_model_task(model) and final["split"] == "test"
     assert set(final["files"]) == {"fp32", "int8_x86", "int8_qnnpack"}
     # the exported INT8 file rebuilds a model that runs on the scene inputs
-    int8 = load_int8(final["files"]["int8_x86"])
-    out_ = int8(torch.randn(2, 3, 64, 64))
-    assert out_ is not None
+    # tools/evaluate.py rebuilds the INT8 model from its file and the split from the recorded --data
+    res = _evaluate_tool().measure(final["files"]["int8_x86"])
+    assert res["split"] == "test" and res["dataset"] == "fashion_scenes"
+    for k in keys:
+        assert res[k] == pytest.approx(final[f"int8_x86_{k}"], abs=1e-4), k
 
 
 @needs_data

@@ -26,7 +26,9 @@ def export_run(args: argparse.Namespace, float_model: nn.Module, int8_models: di
     """Write ``<arch>.<dataset>.fp32.safetensors`` and one INT8 file per backend into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     base = f"{args.model}.{info.name}"
-    meta = {"dataset": info.name, "categories": json.dumps(info.categories), "input_size": str(info.input_size),
+    # "data" is the full --data spec (scene options included), so tools/evaluate.py rebuilds the split
+    meta = {"dataset": info.name, "data": args.data, "task": info.extra.get("task", "classification"),
+            "categories": json.dumps(info.categories), "input_size": str(info.input_size),
             "mean": json.dumps(info.mean), "std": json.dumps(info.std), "recipe": recipe_command(args), "mode": args.mode}
     files = {"fp32": str(out / f"{base}.fp32.safetensors")}
     save_fp32(float_model, files["fp32"], arch=args.model, num_classes=len(info.categories), metadata=meta)
