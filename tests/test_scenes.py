@@ -158,6 +158,10 @@ def test_scenes_occlusion_off_and_texture(items: Path) -> None:
     image, target = tex[0]
     background = image[0][target["masks"] == 0]
     assert background.float().std() > 5 and bool((background > 0).any())
+    # the background has its own random stream: same items and targets as the plain canvas
+    plain = _scenes(items, num_images=3)
+    assert tex.scene_items(0) == plain.scene_items(0)
+    assert torch.equal(target["boxes"], plain[0][1]["boxes"])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -231,7 +235,7 @@ def test_make_scenes_cli_and_preview(items: Path, tmp_path: Path) -> None:
 
     with Image.open(tmp_path / "p.png") as png:
         assert png.width > 2 * 2 * 128 and png.mode == "RGB"
-    with pytest.raises(SystemExit, match="--output DIR"):
+    with pytest.raises(SystemExit, match="--output DIR.*--stats"):
         tool.main(tool.get_args_parser().parse_args([]))
 
 

@@ -63,6 +63,7 @@ EDGE_THRESHOLD = 30
 PLACEMENT_TRIES = 20
 _ITEM_SIZE = 28
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+_TEXTURE_STREAM = 0x7E57_0000_0000  # xor-ed into a canvas seed to seed its background texture
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class FashionScenes(Dataset):
         gen = torch.Generator().manual_seed(_canvas_seed(self.seed, self.split, index))
         size = self.size
         if self.background == "texture":
-            canvas = _texture(size, gen)
+            # its own stream, so a textured canvas holds the same items as its plain twin
+            canvas = _texture(size, torch.Generator().manual_seed(_canvas_seed(self.seed, self.split, index) ^ _TEXTURE_STREAM))
         else:
             canvas = torch.zeros(size, size, dtype=torch.uint8)
         owner = torch.full((size, size), -1, dtype=torch.int64)

@@ -64,8 +64,8 @@ def single_thread() -> Iterator[None]:
     """Run the block with one intra-op thread, restoring the previous count afterwards.
 
     Per-sample work on small tensors (a 128x128 canvas, one item) is dominated by thread
-    start/stop: on this project's loaded 2-core VM, rendering a FashionScenes canvas took 38 ms with
-    2 threads and 3.2 ms with 1. Switching the count costs microseconds.
+    start/stop: on this project's loaded 2-core VM, rendering a FashionScenes canvas with 2 threads
+    was an order of magnitude slower than with 1. Switching the count is cheap.
     """
     previous = torch.get_num_threads()
     if previous == 1:
