@@ -48,6 +48,7 @@ from frostnet.data import (
     segmentation_train_transform,
     subset_indices,
     train_val_split,
+    voc_palette,
     write_idx,
 )
 
@@ -417,22 +418,6 @@ def test_voc_errors(tmp_path: Path) -> None:
         VOCDetection(tmp_path)[1]
 
 
-def _voc_palette() -> list[int]:
-    # The official VOC colour map (bit-interleaved class index); any palette
-    # works for loading since only the indices matter.
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def test_voc_segmentation_palette_mask(tmp_path: Path) -> None:
     voc = _make_voc(tmp_path, "2012")
     (voc / "ImageSets/Segmentation/train.txt").write_text("000005\n")
@@ -441,7 +426,9 @@ def test_voc_segmentation_palette_mask(tmp_path: Path) -> None:
     mask[200:300, 300:400] = 9  # chair
     mask[9, 20:200] = 255  # boundary band
     png = Image.fromarray(mask, mode="P")
-    png.putpalette(_voc_palette())
+    palette = voc_palette()
+    assert len(palette) == 768 and palette[3:6] == [128, 0, 0] and palette[45:48] == [192, 128, 128]  # 1, 15
+    png.putpalette(palette)
     png.save(voc / "SegmentationClass" / "000005.png")
     ds = VOCSegmentation(tmp_path, "2012", "train")
     image, m = ds[0]

@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from frostnet.data import FASHION_MNIST_CLASSES, IGNORE_INDEX, SCENES_CATEGORIES, FashionScenes
+from frostnet.data import FASHION_MNIST_CLASSES, IGNORE_INDEX, SCENES_CATEGORIES, FashionScenes, voc_palette
 
 # Preview colours per label (0 = background): matplotlib's tab10, readable on black.
 COLOURS = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -47,54 +47,38 @@ COLOURS = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8
 FONT = next((str(p) for p in (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),) if p.is_file()), None)
 
 
-def _voc_palette() -> list[int]:
-    """The Pascal VOC colour map (bit-interleaved label index), so masks look like VOC's."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` and rename ``tmp`` to ``path``: readers never see a partial file."""
     tmp = _tmp(path)
     try:
-        image.save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _write_text(text: str, path: Path) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _link(src: Path, dst: Path) -> None:
     """Hard-link ``src`` as ``dst`` (a copy where links are not supported), atomically."""
-    tmp = _tmp(dst)
-    try:
+
+    def link(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _atomic(dst, link)
 
 
 def write_split(dataset: FashionScenes, output: Path) -> dict[str, Path]:
@@ -112,7 +96,7 @@ def write_split(dataset: FashionScenes, output: Path) -> dict[str, Path]:
                                     "ImageSets/Segmentation")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    palette = _voc_palette()
+    palette = voc_palette()
     images, annotations, ids = [], [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
