@@ -407,8 +407,8 @@ def dense_transform(
         cleaned = clean_boxes(boxes, target["labels"])
         parts["boxes"], labels = cleaned["boxes"], cleaned["labels"]
     if "masks" in target:
-        if tuple(target["masks"].shape) != (h, w):
-            raise ValueError(f"mask size {tuple(target['masks'].shape)} differs from image size {(h, w)}")
+        sample = f"of sample {target.get('image_id', '?')}"
+        check_mask_size(image, target["masks"], sample, sample)
         parts["masks"] = tv_tensors.Mask(target["masks"])
     side = size
     if train and scale_jitter:
