@@ -331,6 +331,20 @@ def test_dense_transform_rejects_bad_samples() -> None:
         assert out["labels"].tolist() == [2]
 
 
+def test_dense_batches_argument_errors(items: Path) -> None:
+    ds = _scenes(items, num_images=4)
+    kw = dict(input_size=64, mean=[0.0] * 3, std=[1.0] * 3, shuffle=False, train=False, seed=0)
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        DenseBatches(ds, task="depth", batch_size=2, **kw)
+    with pytest.raises(ValueError, match="rank 2 must be in 0..1 for world 2"):
+        DenseBatches(ds, task="detection", batch_size=2, rank=2, world=2, **kw)
+    with pytest.raises(ValueError, match="batch_size 1 must be at least world 2"):
+        DenseBatches(ds, task="detection", batch_size=1, rank=0, world=2, **kw)
+    # without drop_last the short last batch is kept
+    assert len(DenseBatches(ds, task="detection", batch_size=3, **kw)) == 2
+    assert len(DenseBatches(ds, task="detection", batch_size=3, drop_last=True, **kw)) == 1
+
+
 def test_dense_data_spec_errors(items: Path, tmp_path: Path) -> None:
     kw = dict(input_size=64, batch_size=4, seed=0)
     with pytest.raises(ValueError, match="unknown dense --data 'imagenet'.*fashion_scenes.*voc.*cityscapes.*coco"):

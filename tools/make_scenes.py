@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
