@@ -48,6 +48,7 @@ from frostnet.data import (
     segmentation_train_transform,
     subset_indices,
     train_val_split,
+    voc_palette,
     write_idx,
 )
 
@@ -417,22 +418,6 @@ def test_voc_errors(tmp_path: Path) -> None:
         VOCDetection(tmp_path)[1]
 
 
-def _voc_palette() -> list[int]:
-    # The official VOC colour map (bit-interleaved class index); any palette
-    # works for loading since only the indices matter.
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def test_voc_segmentation_palette_mask(tmp_path: Path) -> None:
     voc = _make_voc(tmp_path, "2012")
     (voc / "ImageSets/Segmentation/train.txt").write_text("000005\n")
@@ -441,7 +426,9 @@ def test_voc_segmentation_palette_mask(tmp_path: Path) -> None:
     mask[200:300, 300:400] = 9  # chair
     mask[9, 20:200] = 255  # boundary band
     png = Image.fromarray(mask, mode="P")
-    png.putpalette(_voc_palette())
+    palette = voc_palette()
+    assert len(palette) == 768 and palette[3:6] == [128, 0, 0] and palette[45:48] == [192, 128, 128]  # 1, 15
+    png.putpalette(palette)
     png.save(voc / "SegmentationClass" / "000005.png")
     ds = VOCSegmentation(tmp_path, "2012", "train")
     image, m = ds[0]
@@ -704,6 +691,30 @@ def test_cityscapes_dataset_with_joint_transform_alignment(tmp_path: Path) -> No
             assert bool(inner.any())
             assert torch.equal(decoded[inner], m[inner])
             assert not torch.equal(decoded.flip(-1)[inner], m[inner])
+
+
+def test_dense_data_over_voc_detection_and_cityscapes(tmp_path: Path) -> None:
+    from frostnet.recipe.dense_data import build_dense_data
+
+    voc = _make_voc(tmp_path / "voc")
+    (voc / "ImageSets/Main/train.txt").write_text("000005\n000007\n000009\n")
+    train, evals, info = build_dense_data(f"voc:{tmp_path / 'voc'}", task="detection", input_size=50,
+                                          batch_size=2, seed=0, eval_split="test")
+    assert info.categories == ["background", *VOC_CLASSES] and info.eval_split == "test"
+    assert (info.train_size, info.eval_size, len(train)) == (3, 1, 1)
+    x, targets = next(iter(evals.epoch(0)))
+    assert x.shape == (1, 3, 50, 50)
+    # car (140, 49, 500, 330) on 500x375 scaled to 50x50: x / 10, y * 50 / 375
+    assert torch.allclose(targets[0]["boxes"], torch.tensor([[14.0, 49 * 50 / 375, 50.0, 330 * 50 / 375]]))
+    assert targets[0]["labels"].tolist() == [VOC_CLASSES.index("car") + 1]
+
+    _make_cityscapes(tmp_path / "cs")
+    train, evals, info = build_dense_data(f"cityscapes:{tmp_path / 'cs'}", task="segmentation", input_size=32,
+                                          batch_size=2, seed=0)
+    assert info.categories == list(CITYSCAPES_CLASSES) and info.eval_split == "val" and info.eval_size == 1
+    x, masks = next(iter(train.epoch(0)))
+    assert x.shape == (2, 3, 32, 32) and masks.shape == (2, 32, 32) and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
 
 
 # --------------------------------------------------------------------------- #

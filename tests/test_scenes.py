@@ -28,6 +28,9 @@ from frostnet.recipe.dense_data import DenseBatches, build_dense_data
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, VAL = 100, 30, 20  # train file: items 0..79 train, 80..99 val
+# labels and boxes of the first two canvases of FashionScenes(split="test") on the Debian data
+PINNED_TEST_CANVASES = [([6, 1], [[28, 31, 82, 75], [47, 65, 87, 113]]),
+                        ([5, 3, 7, 3], [[67, 31, 99, 77], [29, 36, 66, 81], [82, 42, 120, 94], [5, 73, 43, 118]])]
 
 
 def _item_value(file: str, index: int) -> int:
@@ -158,6 +161,10 @@ def test_scenes_occlusion_off_and_texture(items: Path) -> None:
     image, target = tex[0]
     background = image[0][target["masks"] == 0]
     assert background.float().std() > 5 and bool((background > 0).any())
+    # the background has its own random stream: same items and targets as the plain canvas
+    plain = _scenes(items, num_images=3)
+    assert tex.scene_items(0) == plain.scene_items(0)
+    assert torch.equal(target["boxes"], plain[0][1]["boxes"])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -231,7 +238,7 @@ def test_make_scenes_cli_and_preview(items: Path, tmp_path: Path) -> None:
 
     with Image.open(tmp_path / "p.png") as png:
         assert png.width > 2 * 2 * 128 and png.mode == "RGB"
-    with pytest.raises(SystemExit, match="--output DIR"):
+    with pytest.raises(SystemExit, match="--output DIR.*--stats"):
         tool.main(tool.get_args_parser().parse_args([]))
 
 
@@ -306,6 +313,38 @@ def test_dense_batches_shapes_flip_and_mask_box_consistency(items: Path) -> None
     assert xe.shape[0] == 10 and torch.equal(me, next(iter(seg_eval.epoch(5)))[1])
 
 
+def test_dense_transform_rejects_bad_samples() -> None:
+    from frostnet.data import dense_transform
+
+    image = torch.zeros(1, 4, 5, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"mask of sample 7 is \(4, 4\) \(H, W\) but its image of sample 7 is \(4, 5\)"):
+        dense_transform(image, {"masks": torch.zeros(4, 4, dtype=torch.long), "image_id": 7}, size=8, train=False)
+    with pytest.raises(ValueError, match="needs a generator"):
+        dense_transform(image, {}, size=8, train=True)
+    with pytest.raises(ValueError, match=r"scale_jitter must be in \[0, 1\), got 1.5"):
+        dense_transform(image, {}, size=8, train=False, scale_jitter=1.5)
+    # boxes outside the image are dropped before the resize, never moved into padding
+    target = {"boxes": torch.tensor([[1.0, 1, 3, 3], [-4, -4, -1, -1]]), "labels": torch.tensor([2, 5])}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        _, out = dense_transform(image, target, size=8, train=True, generator=gen, scale_jitter=0.5)
+        assert out["labels"].tolist() == [2]
+
+
+def test_dense_batches_argument_errors(items: Path) -> None:
+    ds = _scenes(items, num_images=4)
+    kw = dict(input_size=64, mean=[0.0] * 3, std=[1.0] * 3, shuffle=False, train=False, seed=0)
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        DenseBatches(ds, task="depth", batch_size=2, **kw)
+    with pytest.raises(ValueError, match="rank 2 must be in 0..1 for world 2"):
+        DenseBatches(ds, task="detection", batch_size=2, rank=2, world=2, **kw)
+    with pytest.raises(ValueError, match="batch_size 1 must be at least world 2"):
+        DenseBatches(ds, task="detection", batch_size=1, rank=0, world=2, **kw)
+    # without drop_last the short last batch is kept
+    assert len(DenseBatches(ds, task="detection", batch_size=3, **kw)) == 2
+    assert len(DenseBatches(ds, task="detection", batch_size=3, drop_last=True, **kw)) == 1
+
+
 def test_dense_data_spec_errors(items: Path, tmp_path: Path) -> None:
     kw = dict(input_size=64, batch_size=4, seed=0)
     with pytest.raises(ValueError, match="unknown dense --data 'imagenet'.*fashion_scenes.*voc.*cityscapes.*coco"):
@@ -346,3 +385,17 @@ def test_dense_data_from_written_coco_and_voc(items: Path, tmp_path: Path) -> No
     train_ref = _scenes(items, "train", num_images=10)
     assert [t["labels"].tolist() for t in targets] == [train_ref[i][1]["labels"].tolist() for i in (7, 8, 9)]
     assert all(_same(a, b) for a, b in zip(det.epoch(1), det.epoch(1)))
+    # DataLoader workers read the files; the augmentation stays in this process: same batches
+    det_w, _, _ = build_dense_data(coco, task="detection", val_size=3, workers=1, **kw)
+    assert all(_same(a, b) for a, b in zip(det.epoch(1), det_w.epoch(1)))
+
+
+def test_default_test_split_is_fixed() -> None:
+    """The reference test set must not drift: pin the first canvases of the default test split."""
+    try:
+        test = FashionScenes(split="test")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    assert len(test) == 2000 and test.size == 128
+    got = [(test[i][1]["labels"].tolist(), test[i][1]["boxes"].int().tolist()) for i in range(2)]
+    assert got == PINNED_TEST_CANVASES

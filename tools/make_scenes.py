@@ -3,6 +3,7 @@
     python tools/make_scenes.py --split test --num-images 200 --output scenes/
     python tools/make_scenes.py --split train --background texture --output scenes/
     python tools/make_scenes.py --preview docs/scenes.png            # the picture in docs/scenes.md
+    python tools/make_scenes.py --split test --stats                 # the numbers in docs/scenes.md
 
 Layout written under ``--output`` (several splits can share one folder)::
 
@@ -26,70 +27,57 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from frostnet.data import FASHION_MNIST_CLASSES, IGNORE_INDEX, SCENES_CATEGORIES, FashionScenes
+from frostnet.data import FASHION_MNIST_CLASSES, IGNORE_INDEX, SCENES_CATEGORIES, FashionScenes, voc_palette
 
 # Preview colours per label (0 = background): matplotlib's tab10, readable on black.
 COLOURS = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
 
-
-def _voc_palette() -> list[int]:
-    """The Pascal VOC colour map (bit-interleaved label index), so masks look like VOC's."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+# A TrueType font where the system has one (Debian: fonts-dejavu-core), else PIL's bitmap font.
+FONT = next((str(p) for p in (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),) if p.is_file()), None)
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` and rename ``tmp`` to ``path``: readers never see a partial file."""
     tmp = _tmp(path)
     try:
-        image.save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _write_text(text: str, path: Path) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _link(src: Path, dst: Path) -> None:
     """Hard-link ``src`` as ``dst`` (a copy where links are not supported), atomically."""
-    tmp = _tmp(dst)
-    try:
+
+    def link(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _atomic(dst, link)
 
 
 def write_split(dataset: FashionScenes, output: Path) -> dict[str, Path]:
@@ -107,7 +95,7 @@ def write_split(dataset: FashionScenes, output: Path) -> dict[str, Path]:
                                     "ImageSets/Segmentation")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    palette = _voc_palette()
+    palette = voc_palette()
     images, annotations, ids = [], [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -158,8 +146,10 @@ def draw_preview(dataset: FashionScenes, indices: Sequence[int], path: Path, *, 
         rgb = image.expand(3, -1, -1)
         big = torch.nn.functional.interpolate(rgb[None].float(), scale_factor=zoom, mode="nearest")[0].byte()
         names = [SCENES_CATEGORIES[k] for k in target["labels"].tolist()]
-        boxed = draw_bounding_boxes(big, target["boxes"] * zoom, labels=names,
-                                    colors=[COLOURS[k] for k in target["labels"].tolist()], width=2)
+        colours = [COLOURS[k] for k in target["labels"].tolist()]
+        boxed = draw_bounding_boxes(big, target["boxes"] * zoom, labels=names, colors=colours, width=2,
+                                    font=FONT, font_size=11 if FONT else None, fill_labels=True,
+                                    label_colors="white", label_background_colors=colours)
         mask = target["masks"]
         layers = torch.stack([mask == k for k in range(1, len(SCENES_CATEGORIES))] + [mask == IGNORE_INDEX])
         coloured = draw_segmentation_masks(torch.zeros_like(rgb), layers, alpha=1.0,
@@ -175,15 +165,43 @@ def draw_preview(dataset: FashionScenes, indices: Sequence[int], path: Path, *, 
         r, c = divmod(k, columns)
         sheet.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (gap + c * (tw + gap), gap + r * (th + gap)))
     draw = ImageDraw.Draw(sheet)
+    font = ImageFont.truetype(FONT, 13) if FONT else None
     top = rows * (th + gap) + gap
     entries = list(zip(COLOURS[1:] + ["#ffffff"], [*SCENES_CATEGORIES[1:], "ignore (255)"]))
     for k, (colour, name) in enumerate(entries):
         r, c = divmod(k, 4)
         x, y = gap + c * (sheet.width - 2 * gap) // 4, top + r * 22
         draw.rectangle([x, y, x + 14, y + 14], fill=colour, outline="black")
-        draw.text((x + 20, y + 1), name, fill="black")
+        draw.text((x + 20, y), name, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_png(sheet, path)
+
+
+def split_stats(dataset: FashionScenes) -> dict[str, float]:
+    """Counts that describe a split: boxes per canvas, hidden items, pixel shares, render time.
+
+    Args:
+        dataset: A split whose canvases are not rendered yet (the time includes rendering).
+
+    Returns:
+        ``canvases``, ``boxes_per_canvas``, ``items_without_box`` (share of pasted items),
+        ``object_pixels``, ``ignore_pixels`` (shares of all pixels), ``ms_per_canvas``.
+    """
+    start = time.perf_counter()
+    boxes = items = unboxed = objects = ignored = 0
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        scene = dataset.scene_items(i)
+        boxes += len(target["labels"])
+        items += len(scene)
+        unboxed += sum(not it.has_box for it in scene)
+        objects += int(((target["masks"] > 0) & (target["masks"] != IGNORE_INDEX)).sum())
+        ignored += int((target["masks"] == IGNORE_INDEX).sum())
+    seconds = time.perf_counter() - start
+    pixels = max(1, len(dataset) * dataset.size**2)
+    n = max(1, len(dataset))
+    return {"canvases": len(dataset), "boxes_per_canvas": boxes / n, "items_without_box": unboxed / max(1, items),
+            "object_pixels": objects / pixels, "ignore_pixels": ignored / pixels, "ms_per_canvas": 1000 * seconds / n}
 
 
 def _pair(text: str, kind: type) -> tuple:
@@ -202,6 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="folder to write the split into")
     p.add_argument("--preview", type=Path, default=None, help="draw a preview PNG of the first canvases")
     p.add_argument("--preview-count", type=int, default=6, help="canvases in the preview (default 6)")
+    p.add_argument("--stats", action="store_true", help="print boxes per canvas, pixel shares and render time")
     p.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package path)")
     p.add_argument("--size", type=int, default=128, help="canvas side (default 128)")
     p.add_argument("--items", type=lambda s: _pair(s, int), default=(1, 6), help="items per canvas (default 1-6)")
@@ -215,14 +234,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.output is None and args.preview is None:
-        raise SystemExit("make_scenes: give --output DIR (write a split) and/or --preview PNG (draw one)")
+    if args.output is None and args.preview is None and not args.stats:
+        raise SystemExit("make_scenes: give --output DIR (write a split), --preview PNG (draw one) and/or --stats")
     count = args.num_images
-    if args.output is None and count is None:
+    if args.output is None and not args.stats and count is None:
         count = args.preview_count  # a preview alone renders only what it shows
     dataset = FashionScenes(args.root, args.split, num_images=count, size=args.size, items=args.items,
                             scale=args.scale, occlusion=not args.no_occlusion, background=args.background,
                             min_visible=args.min_visible, val_size=args.val_size, seed=args.seed)
+    if args.stats:
+        stats = split_stats(dataset)
+        print(f"{args.split} ({dataset!r}): " + ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
     if args.output is not None:
         paths = write_split(dataset, args.output)
         print(f"wrote {len(dataset)} {args.split} canvases: coco:{paths['coco_images']},{paths['coco_json']}  "

@@ -79,6 +79,7 @@ from .voc import (
     detection_collate,
     parse_voc_xml,
     read_voc_classes,
+    voc_palette,
 )
 
 __all__ = [
@@ -106,7 +107,7 @@ __all__ = [
     "CocoDetection",
     # VOC
     "VOC_CLASSES", "VOC_CLASSES_WITH_BACKGROUND", "VOCAnnotationError", "VOCDetection",
-    "VOCSegmentation", "detection_collate", "parse_voc_xml", "read_voc_classes",
+    "VOCSegmentation", "detection_collate", "parse_voc_xml", "read_voc_classes", "voc_palette",
     # Cityscapes
     "CITYSCAPES_CLASSES", "CITYSCAPES_LABEL_TO_TRAIN_ID", "Cityscapes",
     "label_ids_to_train_ids",

@@ -63,6 +63,7 @@ EDGE_THRESHOLD = 30
 PLACEMENT_TRIES = 20
 _ITEM_SIZE = 28
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+_TEXTURE_STREAM = 0x7E57_0000_0000  # xor-ed into a canvas seed to seed its background texture
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class FashionScenes(Dataset):
 
     Attributes:
         categories: :data:`SCENES_CATEGORIES`, index == label id.
-        items: The Fashion-MNIST split the canvases draw from.
+        source: The Fashion-MNIST items the canvases draw from (a FashionMNIST split).
     """
 
     categories = SCENES_CATEGORIES
@@ -226,7 +227,7 @@ class FashionScenes(Dataset):
         self.split, self.size, self.num_images = split, size, num_images
         self.occlusion, self.background = occlusion, background
         self.min_visible, self.val_size, self.seed = min_visible, val_size, seed
-        self.items = FashionMNIST(root, split, val_size=0 if split == "test" else val_size)
+        self.source = FashionMNIST(root, split, val_size=0 if split == "test" else val_size)
         self._source_file = "test" if split == "test" else "train"
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      list[SceneItem]]] = {}
@@ -244,15 +245,16 @@ class FashionScenes(Dataset):
         gen = torch.Generator().manual_seed(_canvas_seed(self.seed, self.split, index))
         size = self.size
         if self.background == "texture":
-            canvas = _texture(size, gen)
+            # its own stream, so a textured canvas holds the same items as its plain twin
+            canvas = _texture(size, torch.Generator().manual_seed(_canvas_seed(self.seed, self.split, index) ^ _TEXTURE_STREAM))
         else:
             canvas = torch.zeros(size, size, dtype=torch.uint8)
         owner = torch.full((size, size), -1, dtype=torch.int64)
         placed: list[tuple[int, int, int, int, int, int]] = []  # source, label, side, left, top, fg
         for _ in range(_randint(gen, *self.items_range)):
-            src = int(torch.randint(len(self.items), (), generator=gen))
+            src = int(torch.randint(len(self.source), (), generator=gen))
             side = max(1, round(_ITEM_SIZE * _uniform(gen, *self.scale)))
-            pixels = _rescale(self.items.images[src], side)
+            pixels = _rescale(self.source.images[src], side)
             fg = pixels >= FOREGROUND_THRESHOLD
             for _try in range(1 if self.occlusion else PLACEMENT_TRIES):
                 left, top = _randint(gen, 0, size - side), _randint(gen, 0, size - side)
@@ -263,7 +265,7 @@ class FashionScenes(Dataset):
                 continue  # no free spot: the item is left out
             region[fg] = len(placed)
             canvas[top:top + side, left:left + side][fg] = pixels[fg]
-            placed.append((src, int(self.items.targets[src]) + 1, side, left, top, int(fg.sum())))
+            placed.append((src, int(self.source.targets[src]) + 1, side, left, top, int(fg.sum())))
 
         mask = torch.zeros(size, size, dtype=torch.uint8)
         labels_of = torch.tensor([0] + [p[1] for p in placed], dtype=torch.uint8)
@@ -280,7 +282,7 @@ class FashionScenes(Dataset):
                 cols = mine.any(0).nonzero()[:, 0]
                 boxes.append([int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1])
                 labels.append(label)
-            scene_items.append(SceneItem(int(self.items.indices[src]), self._source_file, label, side,
+            scene_items.append(SceneItem(int(self.source.indices[src]), self._source_file, label, side,
                                          left, top, n_fg, n_vis, keep))
         return (canvas[None], torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 torch.tensor(labels, dtype=torch.int64), mask, scene_items)

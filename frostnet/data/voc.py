@@ -46,6 +46,7 @@ __all__ = [
     "parse_voc_xml",
     "find_voc_dir",
     "read_voc_classes",
+    "voc_palette",
     "VOCDetection",
     "VOCSegmentation",
     "detection_collate",
@@ -144,6 +145,26 @@ def parse_voc_xml(path: PathLike, classes: Sequence[str] = VOC_CLASSES) -> dict[
         "difficult": torch.tensor(difficult, dtype=torch.bool),
         "names": names,
     }
+
+
+def voc_palette() -> list[int]:
+    """The Pascal VOC colour map as a flat ``[r, g, b] * 256`` list for ``PIL.Image.putpalette``.
+
+    Colour of label ``i``: the bits of ``i`` dealt round-robin to r, g, b from the top bit down,
+    so masks written with it look like VOC's ``SegmentationClass`` PNGs (loading needs only the
+    indices, never the colours).
+    """
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
 
 
 def find_voc_dir(root: PathLike, year: str = "2007") -> Path:

@@ -16,6 +16,7 @@ Specs::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional, Union
 
@@ -47,7 +48,7 @@ DENSE_KINDS: dict[str, str] = {
     "cityscapes": "cityscapes:<root with leftImg8bit/ and gtFine/>  (segmentation)",
     "coco": "coco:<images dir>,<annotations json>[,<eval images dir>,<eval json>]  (detection)",
 }
-# fashion_scenes option -> (parser, meaning); "a-b" pairs parse to tuples.
+# fashion_scenes option -> meaning; "min-max" values parse to (min, max) tuples.
 SCENES_OPTIONS: dict[str, str] = {
     "root": "Fashion-MNIST IDX directory (default: the Debian package path)",
     "size": "canvas side in pixels (default 128)",
@@ -261,20 +262,21 @@ def _build_datasets(kind: str, arg: str, task: str, val_size: int, eval_split: O
     if not arg:
         raise ValueError(f"--data {kind} needs a path: {DENSE_KINDS[kind]}")
     imagenet = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale_jitter": 0.0}
+    eval_file: Optional[Dataset] = None
     if kind == "voc":
         if task == "segmentation":
-            train = VOCSegmentation(arg, split="train")
-            make = lambda s: VOCSegmentation(arg, split=s)  # noqa: E731
+            make: Callable[..., Dataset] = functools.partial(VOCSegmentation, arg)
         else:
             # difficult objects are left out: the target format has no field to mark them ignored
-            train = VOCDetection(arg, split="train", transform=_keep_uint8, keep_difficult=False)
-            make = lambda s: VOCDetection(arg, split=s, transform=_keep_uint8, keep_difficult=False)  # noqa: E731
+            make = functools.partial(VOCDetection, arg, transform=_keep_uint8, keep_difficult=False)
+        train = make(split="train")
         classes = train.classes
     elif kind == "cityscapes":
         if task != "segmentation":
             raise ValueError(f"--data cityscapes has segmentation labels only, not task {task!r}; "
                              f"for detection use: {DENSE_KINDS['coco']}")
-        train, make = Cityscapes(arg, "train"), (lambda s: Cityscapes(arg, s))
+        make = functools.partial(Cityscapes, arg)
+        train = make(split="train")
         # Cityscapes train id 0 is "road", a real class: there is no background label to prepend.
         classes = Cityscapes.classes
     else:  # coco
@@ -285,10 +287,7 @@ def _build_datasets(kind: str, arg: str, task: str, val_size: int, eval_split: O
         if len(parts) not in (2, 4) or not all(parts):
             raise ValueError(f"--data coco:{arg} must be {DENSE_KINDS['coco']}")
         train = CocoDetection(parts[0], parts[1])
-        make = None
-        if len(parts) == 4:
-            evals_file = CocoDetection(parts[2], parts[3])
-            make = lambda s: evals_file  # noqa: E731
+        eval_file = CocoDetection(parts[2], parts[3]) if len(parts) == 4 else None
         classes = train.classes
     if val_size:
         if eval_split not in (None, "val"):
@@ -297,12 +296,13 @@ def _build_datasets(kind: str, arg: str, task: str, val_size: int, eval_split: O
         train, evals = _holdout(train, val_size)
         split = "val"
     elif kind == "coco":
-        # one file: evaluate on that file (tools/evaluate); training needs val_size or a second pair
-        split = eval_split or ("val" if make is not None else "test")
-        evals = make(split) if make is not None else train
+        # the second pair is the eval set; with one pair, evaluate on that file (the form for
+        # evaluating a file; training needs val_size or a second pair)
+        split = eval_split or ("val" if eval_file is not None else "test")
+        evals = eval_file if eval_file is not None else train
     else:
         split = eval_split or "val"
-        evals = make(split)
+        evals = make(split=split)
     categories = list(classes) if kind == "cityscapes" else _categories(classes)
     return train, evals, split, categories, imagenet
 
