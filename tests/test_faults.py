@@ -86,6 +86,7 @@ def _scale_times(key, factor):
     (_set("conv1.conv.0.zero_point", -1), "conv1.conv.0.zero_point", "zero point -1"),
     (_set("quant.zero_point", 256), "quant.zero_point", "zero point 256"),
     (_scale_times("quant.scale", 1e6), "quant.scale", "must be finite and in"),
+    (_set("conv1.conv.0.weight@scale", 5e3), "conv1.conv.0.weight@scale", "scale 5000"),
 ])
 def test_int8_implausible_qparams_refused(int8_file, tmp_path, edit, tensor, message):
     src, _, _ = int8_file
@@ -496,3 +497,73 @@ def test_imagefolder_empty_val_split_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ engine wiring
+# These call the training loop; the mechanisms above must run before any work, so the model
+# builder is replaced by a tripwire: reaching it means the loop did not refuse in time.
+
+
+class _WorkStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    from frostnet.recipe import engine as module
+
+    def tripwire(*args, **kwargs):
+        raise _WorkStarted("the loop built the model before refusing")
+
+    monkeypatch.setattr(module, "get_model", tripwire, raising=False)
+    return module
+
+
+def _train_args(out: Path, *flags: str) -> argparse.Namespace:
+    return get_args_parser().parse_args(["--model", ARCH, "--mode", "fp", "--epochs", "1", "--train-subset", "64",
+                                         "--batch-size", "32", "--eval-subset", "64", "--no-progress", "--no-export",
+                                         "--output-dir", str(out), *flags])
+
+
+@needs_engine
+@pytest.mark.parametrize("flags, message", [
+    (("--batch-size", "128"), "--batch-size 128 is larger than the training set"),
+    (("--epochs", "0"), "--epochs must be >= 1"),
+    (("--lr", "nan"), "--lr must be a finite number"),
+    (("--reset-head",), "--reset-head"),
+    (("--ckpt-interval-steps", "-1"), "--ckpt-interval-steps must be >= 0"),
+])
+def test_engine_refuses_degenerate_run(engine, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        engine.main(_train_args(tmp_path / "run", *flags))
+
+
+@needs_engine
+def test_engine_second_run_into_locked_dir_refused(engine, tmp_path):
+    out = tmp_path / "run"
+    with open_run_dir(out, resume=False, overwrite=False):
+        with pytest.raises(RunDirError, match="in use by another run"):
+            engine.main(_train_args(out))
+
+
+@needs_engine
+@pytest.mark.parametrize("leftover, flags, error, message", [
+    ("metrics.jsonl", (), RunDirError, "is not empty"),  # a finished run's directory, without --resume
+    ("checkpoint.pt", ("--resume", "auto"), ckpt.CheckpointError, "checkpoint.pt"),  # no digest, no keys
+])
+def test_engine_refuses_leftovers(engine, tmp_path, leftover, flags, error, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"epoch": 1}, out / leftover)
+    with pytest.raises(error, match=message):
+        engine.main(_train_args(out, *flags))
+
+
+@needs_engine
+def test_engine_resume_with_changed_lr_refused(engine, tmp_path):
+    from frostnet.recipe.args import recorded_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "statassist": {}, "epoch": 1, "batch": 0, "global_step": 2,
+             "rng": torch.get_rng_state(), "history": [], "args": recorded_args(_train_args(out, "--epochs", "2"))}
+    ckpt.save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(ResumeFlagError, match="--lr 0.5 .*--override-resume lr"):
+        engine.main(_train_args(out, "--epochs", "2", "--resume", "auto", "--lr", "0.5"))

@@ -28,23 +28,23 @@ __all__ = ["SCALE_RANGE", "bn_running_var_problems", "int8_qparam_problems"]
 #: 0.0002..2.2 for weights) while a scale 1e6 times too large is caught.
 SCALE_RANGE = (torch.finfo(torch.float32).eps, 1e3)
 
-# zero-point ranges of the quantized dtypes (by the names INT8 files use)
-_QRANGE = {"quint8": (0, 255), "qint8": (-128, 127), "qint32": (-(2**31), 2**31 - 1)}
+# eager-mode INT8 activations (conv outputs, the QuantStub's Quantize) are quint8
+_ACT_ZERO_POINTS = (0, 255)
 
 
 def _qparams(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any]
-             ) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, str]]:
-    """(scale name, zero-point name, scales, zero points, dtype name) of every quantized tensor
-    (``<key>@scale``) and every module's output qparams (``<module>.scale`` beside
+             ) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, bool]]:
+    """(scale name, zero-point name, scales, zero points, is an activation) of every quantized
+    tensor (``<key>@scale``) and every module's output qparams (``<module>.scale`` beside
     ``<module>.zero_point``) in an INT8 file's tensors and layout."""
 
-    def walk(key: str, desc: object) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, str]]:
+    def walk(key: str, desc: object) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, bool]]:
         if not isinstance(desc, dict):
             return
         if desc.get("kind") == "qtensor":
             s, z = key + _SEP + "scale", key + _SEP + "zero_point"
             if s in tensors and z in tensors:
-                yield s, z, tensors[s], tensors[z], str(desc.get("dtype"))
+                yield s, z, tensors[s], tensors[z], False
         elif desc.get("kind") == "tuple" and isinstance(desc.get("items"), list):
             for i, item in enumerate(desc["items"]):
                 yield from walk(f"{key}{_SEP}{i}", item)
@@ -54,17 +54,16 @@ def _qparams(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any]
         if key == "scale" or key.endswith(".scale"):
             zp_key = key[: -len("scale")] + "zero_point"
             if key in tensors and zp_key in tensors and isinstance(layout.get(zp_key), dict):
-                # eager-mode INT8 activations (conv outputs, the QuantStub's Quantize) are quint8
-                yield key, zp_key, tensors[key], tensors[zp_key], "quint8"
+                yield key, zp_key, tensors[key], tensors[zp_key], True
 
 
 def int8_qparam_problems(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any]) -> list[str]:
     """Problems with the scales and zero points stored in an INT8 file.
 
-    Every scale (weights' and activations') must be finite and within :data:`SCALE_RANGE`; every
-    zero point inside the range of its quantized dtype (``quint8``: 0..255, ``qint8``:
-    -128..127). Works on the file's tensors and layout, so a bad file is refused before any
-    model is built for it.
+    Every activation scale must be finite and within :data:`SCALE_RANGE`, every activation zero
+    point inside the quint8 range 0..255; weight scales must not exceed the range's upper end
+    (the rest of their checks happen when the tensors are filled into the model). Works on the
+    file's tensors and layout, so a bad file is refused before any model is built for it.
 
     Args:
         tensors: the file's tensors (:func:`frostnet.serialization.read_int8`).
@@ -75,18 +74,24 @@ def int8_qparam_problems(tensors: Mapping[str, torch.Tensor], layout: Mapping[st
     """
     problems = []
     lo, hi = SCALE_RANGE
-    for scale_key, zp_key, scale, zero_point, dtype in _qparams(tensors, layout):
+    for scale_key, zp_key, scale, zero_point, activation in _qparams(tensors, layout):
         scale = scale.detach().double().reshape(-1)
-        bad = ~torch.isfinite(scale) | (scale < lo) | (scale > hi)
+        if not activation:
+            # a quantized tensor: int8_state_from_tensors already refuses non-positive or
+            # non-finite scales and out-of-range zero points (with its own messages); only the
+            # upper bound is new
+            bad = scale > hi
+        else:
+            bad = ~torch.isfinite(scale) | (scale < lo) | (scale > hi)
         if bad.any():
             problems.append(f"{scale_key!r} has scale {scale[bad][0].item():g} ({int(bad.sum())} of {scale.numel()} "
                             f"bad); scales must be finite and in [{lo:g}, {hi:g}]")
-        if dtype in _QRANGE:
-            qmin, qmax = _QRANGE[dtype]
+        if activation:
+            qmin, qmax = _ACT_ZERO_POINTS
             zp = zero_point.detach().reshape(-1).long()
             out = (zp < qmin) | (zp > qmax)
             if out.any():
-                problems.append(f"{zp_key!r} has zero point {int(zp[out][0])}, outside the {dtype} range [{qmin}, {qmax}]")
+                problems.append(f"{zp_key!r} has zero point {int(zp[out][0])}, outside the quint8 range [{qmin}, {qmax}]")
     return problems
 
 
