@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import filelock
 import torch
 from torch import nn
 
@@ -1150,6 +1151,27 @@ def add_manifest_entry(
         The manifest path.
     """
     p = _manifest_path(manifest_path)
+    with _manifest_lock(p):
+        return _add_manifest_entry(p, name, entry, replace)
+
+
+def _manifest_lock(p: Path) -> filelock.FileLock:
+    """The lock held across every read-modify-write of the manifest at ``p``: without it,
+    concurrent writers (three ``add_weights`` runs) each wrote back what they had read and the
+    others' entries were lost."""
+    return filelock.FileLock(p.with_name(p.name + ".lock"), timeout=600)
+
+
+def _write_manifest(p: Path, data: Mapping[str, Any]) -> None:
+    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _add_manifest_entry(p: Path, name: str, entry: Mapping[str, Any], replace: bool) -> Path:
     data = _load_json(p) if p.exists() else {"format_version": MANIFEST_FORMAT_VERSION, "weights": {}}
     weights = dict(data.get("weights", {}))
     if name in weights and not replace:
@@ -1165,23 +1187,20 @@ def add_manifest_entry(
     problems = validate_manifest(data)
     if problems:
         raise ManifestError(f"adding {name!r} would make {str(p)!r} invalid:\n  " + "\n  ".join(problems))
-    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, p)
+    _write_manifest(p, data)
     return p
 
 
 def set_hf_revision(names: Iterable[str], revision: str, *, manifest_path: Optional[PathLike] = None) -> None:
     """Pin the Hub revision (a 40-hex commit id) of the entries ``names``; used after publishing."""
     p = _manifest_path(manifest_path)
-    data = _load_json(p)
-    for name in names:
-        if name not in data["weights"]:
-            raise ValueError(f"{str(p)!r} has no entry {name!r}")
-        data["weights"][name]["hf"]["revision"] = revision
-    problems = validate_manifest(data)
-    if problems:
-        raise ManifestError(f"{str(p)!r} would become invalid:\n  " + "\n  ".join(problems))
-    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, p)
+    with _manifest_lock(p):
+        data = _load_json(p)
+        for name in names:
+            if name not in data["weights"]:
+                raise ValueError(f"{str(p)!r} has no entry {name!r}")
+            data["weights"][name]["hf"]["revision"] = revision
+        problems = validate_manifest(data)
+        if problems:
+            raise ManifestError(f"{str(p)!r} would become invalid:\n  " + "\n  ".join(problems))
+        _write_manifest(p, data)

@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .quant.validate import bn_running_var_problems, int8_qparam_problems
+
 __all__ = [
     "FP32_FORMAT",
     "FORMAT_VERSION",
@@ -315,6 +317,7 @@ def load_fp32(
     _check_common(os.fspath(path), meta, FP32_FORMAT, FORMAT_VERSION, arch)
     if "builder_kwargs" in meta:
         _builder_kwargs(os.fspath(path), meta)
+    _check_values(os.fspath(path), bn_running_var_problems(tensors))
     return tensors, meta
 
 
@@ -453,6 +456,7 @@ def read_int8(
     if not isinstance(layout, dict):
         raise WeightsError(f"{path!r} has layout metadata of type {type(layout).__name__}, expected a JSON object")
     _builder_kwargs(path, meta)
+    _check_values(path, int8_qparam_problems(tensors, layout))
     return tensors, meta, layout
 
 
@@ -504,6 +508,15 @@ def load_int8(
         raise WeightsError(f"{path!r} does not fit a {file_backend} INT8 {meta.get('arch')} "
                            f"(builder kwargs {meta.get('builder_kwargs')}): {e}") from e
     return skeleton
+
+
+def _check_values(path: str, problems: list[str]) -> None:
+    # The content hash only proves the file is what its writer signed; anyone can re-sign an
+    # edited file, so implausible values are refused here (frostnet.quant.validate).
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise WeightsError(f"{path!r} holds implausible values: {'; '.join(problems[:3])}{more}; the file was "
+                           "edited or written by a broken converter: fetch the published file again")
 
 
 def export_int8(

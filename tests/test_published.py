@@ -97,4 +97,8 @@ def test_finetune_published_int8_ready_weights_to_other_classes(tmp_path):
     published = hub.load_weights(str(fp32)).state_dict()
     assert tuned["classifier.2.weight"].shape == (3, 1280, 1, 1)
     stem = next(k for k in published if k.endswith("weight") and published[k].dim() == 4)
-    assert torch.allclose(tuned[stem], published[stem], atol=0.05) and not torch.equal(tuned[stem], published[stem])
+    # close (a fresh init would differ by more than its own norm) but moved: three SGD steps move the stem by
+    # a few % of its norm, how many depends on the epoch's random crops (seed 0: 6% here, 3% with the crops drawn
+    # before LoaderBatches seeded each sample)
+    moved = ((tuned[stem] - published[stem]).norm() / published[stem].norm()).item()
+    assert 0 < moved < 0.15, moved

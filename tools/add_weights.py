@@ -33,7 +33,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--default", action="store_true", help="make these the default weights of their arch/backends")
     p.add_argument("--replace", action="store_true", help="overwrite existing entries of the same names")
     p.add_argument("--weights-dir", type=Path, default=ROOT / "weights", help="destination of the files")
+    p.add_argument("--allow-missing-run-id", action="store_true",
+                   help="publish an export written before runs had ids (its files cannot be matched to the run)")
     return p
+
+
+def check_run_ids(run: dict, files: list[Path], *, allow_missing: bool = False) -> None:
+    """Raise unless every file carries the run id of ``run`` (run.json): an export directory can
+    hold stale files of an earlier run, which must not be published under this run's recipe."""
+    run_id = run.get("run_id")
+    if run_id is None:
+        if allow_missing:
+            return
+        raise SystemExit("run.json has no run_id (written before runs had ids), so its files cannot be matched to the "
+                         "run; re-export the run, or pass --allow-missing-run-id if you know the files are its own")
+    stale = [f"{f.name} (run_id {read_metadata(f).get('run_id')!r})" for f in files if read_metadata(f).get("run_id") != run_id]
+    if stale:
+        raise SystemExit(f"not written by run {run_id} of run.json: {', '.join(stale)}; these are stale files of "
+                         "another run: delete them, or re-run into a fresh --output-dir (or with --overwrite)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     dataset = run["data"]["name"]
     args.weights_dir.mkdir(parents=True, exist_ok=True)
     files = sorted(args.export_dir.glob("*.safetensors"), key=lambda p: (".int8_" in p.name, p.name))
+    check_run_ids(run, files, allow_missing=args.allow_missing_run_id)
     for src in files:
         dst = args.weights_dir / src.name
         shutil.copyfile(src, dst)

@@ -32,7 +32,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from frostnet import __version__, hub
-from frostnet.serialization import sha256_file
+from frostnet.serialization import read_metadata, sha256_file
 
 _PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation",
                   "detection": "object-detection"}
@@ -169,6 +169,29 @@ def model_card(repo_id: str, repo_entries: Sequence[hub.WeightsEntry],
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+def check_same_run(entries: Sequence[hub.WeightsEntry], all_entries: Mapping[str, hub.WeightsEntry],
+                   weights_dir: Optional[Path]) -> None:
+    """Raise if an INT8 entry's file and its FP32 base's file were written by different training
+    runs (their ``run_id`` metadata differ): a stale INT8 file of an earlier run in the export
+    folder would otherwise be published as the quantization of the new FP32 weights. Files
+    written before runs had ids are not checked."""
+    def run_id(e: hub.WeightsEntry) -> Optional[str]:
+        try:
+            path = hub.resolve_file(e, weights_dir=weights_dir, local_files_only=True)
+        except hub.WeightsNotFoundError:
+            return None  # a base that is not here is not published now; its own sha256 is pinned
+        return read_metadata(path).get("run_id")
+
+    for e in entries:
+        base = all_entries.get(e.base) if e.base else None
+        if base is None:
+            continue
+        mine, theirs = run_id(e), run_id(base)
+        if mine and theirs and mine != theirs:
+            raise ValueError(f"{e.name} was written by run {mine} but its base {base.name} by run {theirs}: the INT8 "
+                             "file is not the quantization of these FP32 weights; re-export both from one run")
+
+
 def write_repo_folder(folder: Path, repo_id: str, repo_entries: Sequence[hub.WeightsEntry],
                       all_entries: Mapping[str, hub.WeightsEntry], weights_dir: Optional[Path]) -> list[Path]:
     """Write the files of one Hub repo into ``folder``; returns the written paths."""
@@ -196,6 +219,7 @@ def write_repo_folder(folder: Path, repo_id: str, repo_entries: Sequence[hub.Wei
 def main(args: argparse.Namespace) -> int:
     all_entries = hub.read_manifest(args.manifest)
     selected = select_entries(args.patterns, all_entries)
+    check_same_run(selected, all_entries, args.weights_dir)
     repos: dict[str, list[hub.WeightsEntry]] = {}
     for e in selected:
         repos.setdefault(e.hf.repo_id, []).append(e)

@@ -82,7 +82,8 @@ def fuse_conv_bn_act(model: nn.Module, is_qat: bool) -> None:
 
 
 def check_image_input(x: torch.Tensor, in_channels: int, model_name: str) -> None:
-    """Raise a clear error unless ``x`` is an (N, in_channels, H, W) floating-point batch."""
+    """Raise a clear error unless ``x`` is an (N, in_channels, H, W) floating-point batch: of the
+    default dtype (float32) and finite when it is on the CPU."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{model_name} expects a torch.Tensor of shape (N, {in_channels}, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -97,6 +98,20 @@ def check_image_input(x: torch.Tensor, in_channels: int, model_name: str) -> Non
         )
     if not (x.is_floating_point() or x.is_quantized):
         raise TypeError(f"{model_name} expects a floating-point batch, got dtype {x.dtype}; convert with x.float() and normalize")
+    if x.is_quantized:
+        return
+    # On the CPU (where every INT8 model runs) the models compute in the default dtype; any
+    # other float dtype only fails deep inside a conv with torch's "Input type ... and bias type"
+    # message. Half precision on a GPU is a legitimate choice (model.half()), so it is left alone.
+    if x.device.type == "cpu" and x.dtype != torch.get_default_dtype():
+        raise TypeError(f"{model_name} expects a {torch.get_default_dtype()} batch on the CPU, got dtype {x.dtype}; "
+                        "convert it with x.float()")
+    # An INT8 model quantizes NaN/inf to ordinary integers and returns finite, meaningless logits,
+    # so they are refused here (tracing skips the data-dependent check: it would be frozen in).
+    if x.device.type == "cpu" and not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{model_name} got {bad} NaN or infinite input values (shape {tuple(x.shape)}); an INT8 model "
+                         "would turn them into ordinary numbers and predict garbage: fix the preprocessing that made them")
 
 
 def init_weights(model: nn.Module) -> None:

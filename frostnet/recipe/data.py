@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..data import (
     FASHION_MNIST_CLASSES,
@@ -69,22 +68,62 @@ class TensorBatches:
                 yield x, self.targets[idx]
 
 
+class _SeededSamples(torch.utils.data.Dataset):
+    """Loads sample ``index`` with the torch RNG seeded by ``seed``: the sampler yields
+    ``(index, seed)`` pairs, so an image's random augmentation depends only on (run seed, epoch,
+    index), not on which worker loads it, how many workers there are, or what ran before."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        # fork_rng: with workers=0 this runs in the training process, whose RNG (dropout, ...)
+        # must not move; torchvision's v1 random transforms draw from the global torch RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class LoaderBatches:
-    """A DataLoader over an on-disk dataset with the same ``epoch(epoch, start_batch)`` interface."""
+    """A DataLoader over an on-disk dataset with the same ``epoch(epoch, start_batch)`` interface.
+
+    Resumable bit for bit, with any number of workers: the epoch's order is a permutation seeded
+    by (seed, epoch), each global batch of ``batch_size`` is split across ranks like
+    :class:`TensorBatches`, and each sample's augmentation is seeded by (seed, epoch, index).
+    ``start_batch`` skips batches without loading them, and the batches after it are exactly the
+    tail of the full epoch. The global torch RNG is neither read nor advanced (the DataLoader
+    gets its own generator), so the training's own random stream does not depend on the data.
+    """
 
     def __init__(self, dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, seed: int,
                  rank: int, world: int, workers: int, drop_last: bool = False) -> None:
-        self.sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last) if (world > 1 or shuffle) else None
-        self.loader = DataLoader(dataset, batch_size=max(1, batch_size // world), sampler=self.sampler,
-                                 num_workers=workers, drop_last=drop_last, persistent_workers=False)
+        self.dataset = _SeededSamples(dataset)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world, self.workers, self.drop_last = rank, world, workers, drop_last
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _samples(self, epoch: int, start_batch: int) -> list[tuple[int, int]]:
+        epoch_seed = self.seed * 100003 + epoch
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.shuffle else torch.arange(n)
+        out = []
+        for b in range(start_batch, len(self)):
+            for i in order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world].tolist():
+                out.append((i, (epoch_seed * 1_000_003 + i) % (2**63)))
+        return out
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-        return itertools.islice(iter(self.loader), start_batch, None)
+        loader = DataLoader(self.dataset, batch_size=max(1, self.batch_size // self.world),
+                            sampler=self._samples(epoch, start_batch), num_workers=self.workers,
+                            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return iter(loader)
 
 
 def build_data(spec: str, *, input_size: int, batch_size: int, seed: int, rank: int, world: int,
