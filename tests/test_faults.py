@@ -36,7 +36,6 @@ from frostnet.serialization import WeightsError, content_sha256, load_fp32, load
 
 ARCH = "frostnet_small_0_35"
 ROOT = Path(__file__).resolve().parents[1]
-needs_engine = pytest.mark.xfail(strict=True, reason="needs engine wiring")
 
 
 def _resign(src: Path, dst: Path, edit) -> Path:
@@ -522,7 +521,6 @@ def _train_args(out: Path, *flags: str) -> argparse.Namespace:
                                          "--output-dir", str(out), *flags])
 
 
-@needs_engine
 @pytest.mark.parametrize("flags, message", [
     (("--batch-size", "128"), "--batch-size 128 is larger than the training set"),
     (("--epochs", "0"), "--epochs must be >= 1"),
@@ -535,7 +533,6 @@ def test_engine_refuses_degenerate_run(engine, tmp_path, flags, message):
         engine.main(_train_args(tmp_path / "run", *flags))
 
 
-@needs_engine
 def test_engine_second_run_into_locked_dir_refused(engine, tmp_path):
     out = tmp_path / "run"
     with open_run_dir(out, resume=False, overwrite=False):
@@ -543,7 +540,6 @@ def test_engine_second_run_into_locked_dir_refused(engine, tmp_path):
             engine.main(_train_args(out))
 
 
-@needs_engine
 @pytest.mark.parametrize("leftover, flags, error, message", [
     ("metrics.jsonl", (), RunDirError, "is not empty"),  # a finished run's directory, without --resume
     ("checkpoint.pt", ("--resume", "auto"), ckpt.CheckpointError, "checkpoint.pt"),  # no digest, no keys
@@ -556,7 +552,6 @@ def test_engine_refuses_leftovers(engine, tmp_path, leftover, flags, error, mess
         engine.main(_train_args(out, *flags))
 
 
-@needs_engine
 def test_engine_resume_with_changed_lr_refused(engine, tmp_path):
     from frostnet.recipe.args import recorded_args
 

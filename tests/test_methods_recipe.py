@@ -145,9 +145,14 @@ def test_method_flags_that_do_not_apply_raise(tmp_path):
     with pytest.raises(SystemExit):
         parse(["--qat-method", "lsq"])
     # resuming a checkpoint with another method is refused
+    from frostnet.recipe.checkpoint import save_checkpoint
+
     (tmp_path / "run").mkdir()
-    torch.save({"args": {"model": "frostnet_small_0_35", "mode": "qat"}}, tmp_path / "run/checkpoint.pt")
-    with pytest.raises(ValueError, match="written with --qat-method ste, not octav"):
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "statassist": {}, "epoch": 1, "batch": 0, "global_step": 8,
+             "rng": torch.get_rng_state(),
+             "args": recorded_args(parse(TINY + ["--mode", "qat", "--output-dir", str(tmp_path / "run")]))}
+    save_checkpoint(tmp_path / "run/checkpoint.pt", state)
+    with pytest.raises(ValueError, match="changed flags would mix two runs: --qat-method 'octav' \\(the checkpoint's: 'ste'\\)\\. "):
         main(parse(TINY + ["--mode", "qat", "--qat-method", "octav", "--output-dir", str(tmp_path / "run"),
                            "--resume", "auto"]))
 

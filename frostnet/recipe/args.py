@@ -161,6 +161,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output, checkpoints and logging")
     g.add_argument("--output-dir", default="runs/default", help="checkpoint.pt, metrics.jsonl and exported weights go here")
     g.add_argument("--resume", default=None, help="checkpoint to resume from ('auto' = <output-dir>/checkpoint.pt if it exists)")
+    g.add_argument("--override-resume", default=None, metavar="FLAG[,FLAG]",
+                   help="resume although these flags (names without --) differ from the checkpoint's; logged in metrics.jsonl")
+    g.add_argument("--allow-unverified-checkpoint", action="store_true",
+                   help="resume from a checkpoint written before checkpoints had a sha256 digest (still key-checked; "
+                        "the next checkpoint gets a digest)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start anew in an --output-dir that holds an earlier run's files (deletes only the recipe's own files)")
     g.add_argument("--ckpt-interval-steps", type=int, default=0, help="also checkpoint every N steps inside an epoch (0 = epoch ends only)")
     g.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write the FP32 and INT8 safetensors files into <output-dir>/export at the end")

@@ -179,7 +179,8 @@ def _problem(path: Path, digests: list[Optional[str]], required_keys: Iterable[s
         return f"{path} is empty (the run was killed while writing it?)", None
     known = [d for d in digests if d]
     if not known and not allow_missing_digest:
-        return f"{path} has no digest file {digest_path(path).name}, so it cannot be verified", None
+        return (f"{path} has no digest file {digest_path(path).name}, so it cannot be verified (a checkpoint "
+                "written before digests existed resumes with --allow-unverified-checkpoint)"), None
     if known and _sha256(path) not in known:
         return f"{path} does not match its sha256 digest (corrupted or truncated)", None
     try:

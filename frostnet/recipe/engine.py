@@ -36,11 +36,16 @@ from .. import quant
 from ..models import get_model, get_model_task
 from ..optim import GradBoost, TransitionRateScheduler
 from ..serialization import load_fp32, read_metadata
-from .args import method_args, recorded_args
+from .args import get_args_parser, method_args, recorded_args
+from .checkpoint import load_checkpoint, previous_path
+from .checkpoint import save_checkpoint as _save_verified_checkpoint
 from .config import RunConfig, check_method_args, fp_epochs_of, quant_ranges
 from .data import DataInfo, TensorBatches
+from .resume_check import check_resume_flags, parse_override_flags
+from .rundir import RunDir, open_run_dir
 from .statassist import StatAssist, find_wrapped
 from .tasks import Task, get_task
+from .validate import validate_run_config
 
 __all__ = ["Trainer", "build_optimizer", "build_scheduler", "check_method_args", "evaluate", "load_backbone", "load_init", "main", "method_qconfig"]
 
@@ -267,11 +272,8 @@ def refresh_ewgs_deltas(model: nn.Module, loss_fn: Callable[[], torch.Tensor], a
     return quant.update_ewgs_deltas(model, loss_fn, samples=method_args(args)["ewgs_samples"], generator=gen)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write: a crash leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+#: what a checkpoint must hold to resume a run
+CKPT_KEYS = ("model", "optimizer", "scheduler", "statassist", "epoch", "batch", "global_step", "rng", "args")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +299,31 @@ class Trainer:
             raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {self.world}")
         self.task = get_task(cfg.task)
         self.out = Path(args.output_dir)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint.pt"
         torch.manual_seed(args.seed)
 
         self.train_b, self.eval_b, self.info = self.task.build_data(cfg, rank=self.rank, world=self.world)
+        # every flag that can be wrong is refused before any work starts or any file is written
+        validate_run_config(args, self.info.train_size, eval_size=self.info.eval_size, world=self.world)
+        if args.resume == "auto":
+            found = self.ckpt_path.exists() or previous_path(self.ckpt_path).exists()
+            self.resume_from: Optional[Path] = self.ckpt_path if found else None
+        else:
+            self.resume_from = Path(args.resume) if args.resume else None
+        # rank 0 holds the output directory's lock for the run's life: a second run into it fails
+        self.run_dir: Optional[RunDir] = (open_run_dir(self.out, resume=self.resume_from is not None, overwrite=args.overwrite)
+                                          if self.rank == 0 else None)
+        self.run_id = self.run_dir.run_id if self.run_dir is not None else ""
+        # the checkpoint is verified and its flags compared before the model is built
+        self.loaded = (load_checkpoint(self.resume_from, required_keys=CKPT_KEYS,
+                                       allow_missing_digest=args.allow_unverified_checkpoint)
+                       if self.resume_from is not None else None)
+        self.overridden: dict[str, tuple[Any, Any]] = {}
+        if self.loaded is not None:
+            ckpt = self.loaded.state
+            defaults = vars(get_args_parser().parse_args([]))
+            self.overridden = check_resume_flags(ckpt["args"], args, defaults=defaults, position=(ckpt["epoch"], ckpt["batch"]),
+                                                 overrides=parse_override_flags(args.override_resume, defaults))
         self.model = get_model(args.model, **self.task.model_kwargs(cfg, self.info)).to(self.device)
         if args.init:
             self._load_init(args.init)
@@ -323,7 +345,7 @@ class Trainer:
         self.start_epoch = self.start_batch = self.global_step = 0
         self.train_sums: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        self.ckpt_path = self.out / "checkpoint.pt"
+        self.pending_eval: Optional[dict[str, Any]] = None
         self.log_file = self.out / "metrics.jsonl"
         self.ddp_model: nn.Module = self.model
         self._wrapped_phase: Optional[str] = None
@@ -341,23 +363,16 @@ class Trainer:
 
     # ---- resume ---------------------------------------------------------------------------------
     def resume(self) -> None:
-        """Continue from ``--resume`` (``auto``: the output dir's checkpoint, if any) bit for bit."""
-        args, cfg = self.args, self.cfg
-        if args.resume == "auto":
-            resume = str(self.ckpt_path) if self.ckpt_path.exists() else None
-        else:
-            resume = args.resume
-        if not resume:
+        """Continue from ``--resume`` (``auto``: the output dir's checkpoint, if any) bit for bit.
+
+        The checkpoint's digest is verified before it is read (a damaged file falls back to the
+        previous good one, or fails naming the file), and the flags must be the ones it was
+        written with, except those named by ``--override-resume`` (logged).
+        """
+        loaded, overridden = self.loaded, self.overridden
+        if loaded is None:
             return
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        if ckpt["args"]["model"] != args.model or ckpt["args"]["mode"] != args.mode:
-            raise ValueError(f"{resume} was written by --model {ckpt['args']['model']} --mode {ckpt['args']['mode']}, "
-                             f"not --model {args.model} --mode {args.mode}")
-        saved_methods = method_args(ckpt["args"])
-        for key in ("qat_method", "talr"):
-            if saved_methods[key] != cfg.methods[key]:
-                raise ValueError(f"{resume} was written with --{key.replace('_', '-')} {saved_methods[key]}, not "
-                                 f"{cfg.methods[key]}; resume with the flags it was started with")
+        ckpt = loaded.state
         self.sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -366,23 +381,39 @@ class Trainer:
         self.start_epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
         self.history = ckpt.get("history", [])
         self.train_sums = dict(ckpt.get("train_sums") or {})
+        self.pending_eval = ckpt.get("pending_eval")
         self.saved_fold = ckpt.get("fold_tracker")
+        if ckpt.get("run_id"):
+            self.run_id = ckpt["run_id"]
+            if self.run_dir is not None:
+                self.run_dir.run_id = self.run_id
+        self.loaded = None  # the state now lives in the model and optimizer
         if self.rank == 0:
-            print(f"resumed from {resume}: epoch {self.start_epoch}, batch {self.start_batch}, phase {self.sa.phase}", flush=True)
+            # no "epoch" key: readers of metrics.jsonl take records with one for per-epoch figures
+            event: dict[str, Any] = {"event": "resume", "from": str(loaded.path),
+                                     "position": {"epoch": self.start_epoch, "batch": self.start_batch}, "phase": self.sa.phase}
+            if loaded.fallback_reason:
+                event["fallback"] = loaded.fallback_reason
+            if overridden:
+                event["overrides"] = {k: {"checkpoint": old, "now": new} for k, (old, new) in overridden.items()}
+            self.log(event)
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def checkpoint(self, epoch: int, batch: int) -> None:
         """Everything needed to continue at ``(epoch, batch)``, written atomically by rank 0."""
         if self.rank != 0:
             return
-        save_checkpoint(self.ckpt_path, {
+        _save_verified_checkpoint(self.ckpt_path, {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "statassist": self.sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": self.global_step,
             "fold_tracker": self.fold.state_dict() if self.fold is not None else None,
             # the interrupted epoch's running sums, so its logged train figures cover every batch
             "train_sums": dict(self.train_sums) if batch else {},
+            # a finished epoch whose evaluation has not been logged yet (checkpointed before evaluating)
+            "pending_eval": self.pending_eval,
             "rng": torch.get_rng_state(), "args": recorded_args(self.args), "history": self.history,
             "data": {"name": self.info.name, "categories": self.info.categories}, "task": self.cfg.task,
+            "run_id": self.run_id,
         })
 
     # ---- train ----------------------------------------------------------------------------------
@@ -465,6 +496,7 @@ class Trainer:
     def evaluate_epoch(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add the per-epoch evaluation (float or fake-quant, and converted INT8) to ``record`` and log it."""
         if self.rank != 0:
+            self.pending_eval = None
             return record
         t0 = time.time()
         args, task, info = self.args, self.task, self.info
@@ -480,6 +512,7 @@ class Trainer:
                                                            task=task, info=info)))
         record["eval_time_s"] = round(time.time() - t0, 1)
         self.history.append(record)
+        self.pending_eval = None
         self.log(record)
         return record
 
@@ -518,7 +551,7 @@ class Trainer:
                 continue
             int8_models[backend] = int8
         if args.export:
-            final["files"] = export_run(args, float_model, int8_models, info, final, self.out / "export")
+            final["files"] = export_run(args, float_model, int8_models, info, final, self.out / "export", run_id=self.run_id)
         return final
 
 
@@ -540,8 +573,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk."""
     trainer = Trainer(RunConfig.from_args(args))
     trainer.resume()
+    if trainer.pending_eval is not None:  # killed while evaluating: the epoch trained, its figures are missing
+        trainer.evaluate_epoch(trainer.pending_eval)
+        trainer.checkpoint(trainer.start_epoch, 0)
     for epoch in range(trainer.start_epoch, args.epochs):
         record = trainer.train_epoch(epoch)
+        # checkpoint first: an evaluation that fails (a corrupt image, an engine error) loses no training
+        trainer.pending_eval = record
+        trainer.checkpoint(epoch + 1, 0)
         trainer.evaluate_epoch(record)
         trainer.checkpoint(epoch + 1, 0)
     final: dict[str, Any] = {}

@@ -36,7 +36,7 @@ __all__ = ["HARMLESS_FLAGS", "NEVER_OVERRIDABLE", "ResumeFlagError", "check_resu
 #: Flags (argparse ``dest`` names) that may differ between a run and its resumption.
 HARMLESS_FLAGS = frozenset({
     "output_dir", "resume", "threads", "workers", "progress", "ckpt_interval_steps", "exit_at_step",
-    "export", "export_backends", "override_resume", "overwrite",
+    "export", "export_backends", "override_resume", "overwrite", "allow_unverified_checkpoint",
 })
 #: Flags whose change no override can make consistent with the checkpoint.
 NEVER_OVERRIDABLE = frozenset({"model", "mode"})
