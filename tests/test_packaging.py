@@ -160,7 +160,6 @@ def test_readme_is_a_front_door_with_generated_tables():
 def test_readme_snippets_run():
     import re
 
-    import torch
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     code = "\n".join(blocks).replace("...                                       # your training loop",

@@ -1,6 +1,5 @@
 """Fusion, QAT preparation, parameter identity and INT8 conversion on x86 and qnnpack."""
 
-import copy
 
 import pytest
 import torch
