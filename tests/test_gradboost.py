@@ -378,7 +378,7 @@ def test_state_dict_layout_and_plain_optimizer_checkpoints():
     sd = opt.state_dict()
     # The wrapped optimizer's usual entries, plus everything GradBoost needs to resume.
     assert {"state", "param_groups", "gradboost"} <= set(sd)
-    assert set(sd["gradboost"]) == {"phase", "decay", "clamp", "noise_decay", "coin_toss", "seed",
+    assert set(sd["gradboost"]) == {"phase", "decay", "clamp", "noise_decay", "coin_toss", "seed", "rule",
                                     "state", "generators"}
     assert set(sd["gradboost"]["state"]) == set(range(len(list(model.parameters()))))
     assert "cpu" in sd["gradboost"]["generators"]

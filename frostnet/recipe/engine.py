@@ -20,7 +20,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -34,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import quant
 from ..models import get_model
-from ..optim import GradBoost, TransitionRateScheduler
+from ..optim import TransitionRateScheduler
 from ..serialization import load_fp32
 from .args import METHOD_DEFAULTS, method_args, recorded_args
 from .data import DataInfo, TensorBatches, build_data
+from .optimizer import EWGS_GROUP, build_optimizer, build_scheduler, fp_epochs as _fp_epochs
 from .statassist import StatAssist, find_wrapped
 
 __all__ = ["main", "build_optimizer", "build_scheduler", "check_method_args", "evaluate", "method_qconfig", "train"]
@@ -61,72 +61,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             dist.init_process_group(backend)
         return rank, world, device
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-#: Index of the parameter group that receives the EWGS interval bounds at the QAT switch.
-EWGS_GROUP = 2
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: Optional[int] = None) -> torch.optim.Optimizer:
-    """The optimizer of ``--opt``, wrapped for transition-rate scheduling (``--talr``) and then in
-    GradBoost (``statassist+gradboost``).
-
-    Weight decay applies to conv/linear weights only, never to BN parameters or biases. With
-    ``--qat-method ewgs`` a third, empty group (``--ewgs-lr``, no weight decay) is added; the
-    interval bounds join it when the model is prepared for QAT (:class:`StatAssist`).
-
-    Args:
-        model: the float model.
-        args: the recipe flags.
-        steps_per_epoch: needed by ``--talr`` (length of its target schedule).
-    """
-    methods = method_args(args)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    if methods["qat_method"] == "ewgs":
-        groups.append({"params": [], "weight_decay": 0.0, "lr": methods["ewgs_lr"]})
-    if args.opt == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
-    elif args.opt == "adamw":
-        opt = torch.optim.AdamW(groups, lr=args.lr)
-    elif args.opt == "adam":
-        opt = torch.optim.Adam(groups, lr=args.lr)
-    elif args.opt == "rmsprop":
-        opt = torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, eps=args.rmsprop_eps, momentum=args.momentum)
-    else:
-        raise ValueError(f"unknown --opt {args.opt!r}; valid choices: sgd, adamw, adam, rmsprop")
-    if methods["talr"]:
-        if steps_per_epoch is None:
-            raise ValueError("--talr needs steps_per_epoch (the length of the target transition-rate schedule)")
-        qat_steps = max(1, (args.epochs - _fp_epochs(args)) * steps_per_epoch)
-        opt = TransitionRateScheduler(
-            opt, target=methods["tr_target"], schedule=methods["tr_schedule"], total_steps=qat_steps,
-            step_size=max(1, round(args.decay_epochs * steps_per_epoch)), gamma=args.decay_rate,
-            rate_momentum=methods["tr_momentum"], eta=methods["tr_eta"])
-    if args.mode == "statassist+gradboost":
-        opt = GradBoost(opt, decay=args.gb_decay, clamp=args.gb_clamp, noise_decay=args.gb_noise_decay,
-                        coin_toss=args.gb_coin_toss, seed=args.seed, fused=args.gb_fused)
-    return opt
-
-
-def build_scheduler(opt: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LR multiplier for ``--sched`` over the whole run (both phases)."""
-    total = max(1, args.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        t = min(step, total) / total
-        if args.sched == "cosine":
-            return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if args.sched == "step":
-            return args.decay_rate ** math.floor(step / steps_per_epoch / args.decay_epochs)
-        if args.sched == "poly":
-            return (1 - t) ** args.poly_power
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @torch.no_grad()
@@ -203,16 +137,6 @@ def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
     if m["qat_method"] == "octav":
         options = {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"], "calib_batches": m["octav_calib_batches"]}
     return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange, **options)
-
-
-def _fp_epochs(args: argparse.Namespace) -> int:
-    if args.mode == "fp":
-        return args.epochs  # never switches
-    if args.mode in ("qat", "qat-finetune"):
-        return 0
-    if not 0 <= args.fp_epochs <= args.epochs:
-        raise ValueError(f"--fp-epochs must be in 0..--epochs ({args.epochs}), got {args.fp_epochs}")
-    return args.fp_epochs
 
 
 def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:
