@@ -38,15 +38,18 @@ from ._eager import (
 )
 from .ewgs import (
     EWGSFakeQuantize,
+    EWGSTraceEstimate,
     copy_ewgs_bounds,
     estimate_ewgs_deltas,
     ewgs_parameters,
+    ewgs_trace_estimates,
     get_ewgs_qconfig,
     update_ewgs_deltas,
 )
 from .fold_tracker import FoldTracker
 from .methods import QAT_METHODS, get_method_qconfig
 from .octav import (
+    OCTAV_CLIPPINGS,
     OCTAV_GRADIENTS,
     OctavFakeQuantize,
     OctavObserver,
@@ -70,8 +73,10 @@ __all__ = [
     "DeQuantStub",
     "END_LAYER_BITS",
     "EWGSFakeQuantize",
+    "EWGSTraceEstimate",
     "FoldTracker",
     "FloatFunctional",
+    "OCTAV_CLIPPINGS",
     "OCTAV_GRADIENTS",
     "OctavFakeQuantize",
     "OctavObserver",
@@ -89,6 +94,7 @@ __all__ = [
     "enable_observer",
     "estimate_ewgs_deltas",
     "ewgs_parameters",
+    "ewgs_trace_estimates",
     "freeze_bn_stats",
     "freeze_weight_quantizer",
     "fuse_modules",

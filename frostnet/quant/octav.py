@@ -29,11 +29,14 @@ from torch.ao.quantization.observer import UniformQuantizationObserverBase
 from ._eager import _PER_CHANNEL
 from ._qconfig_ranges import quant_ranges
 
-__all__ = ["OCTAV_GRADIENTS", "OctavFakeQuantize", "OctavObserver", "clipped_quantization_mse", "get_octav_qconfig",
+__all__ = ["OCTAV_CLIPPINGS", "OCTAV_GRADIENTS", "OctavFakeQuantize", "OctavObserver", "clipped_quantization_mse", "get_octav_qconfig",
            "octav_clip"]
 
 #: Gradient estimators of OCTAV QAT: ``mph`` = MAD for weights, PWL for activations (the paper's).
 OCTAV_GRADIENTS: tuple[str, ...] = ("mph", "mad", "pwl", "ste")
+#: Clipping scalars: the OCTAV-optimal one, or the tensor's maximum magnitude (the paper's
+#: "max-scaling" baseline: nothing is clipped).
+OCTAV_CLIPPINGS: tuple[str, ...] = ("octav", "max")
 _CLIP_GRADIENTS = ("mad", "pwl", "ste")
 
 
@@ -152,6 +155,8 @@ class OctavObserver(UniformQuantizationObserverBase):
         ch_axis: channel axis of per-channel qschemes.
         averaging_constant: None for the running mean, else the EMA weight of a new batch.
         iterations: Newton-Raphson steps of :func:`octav_clip`.
+        clipping: ``"octav"`` (the optimal scalar) or ``"max"`` (max-scaling: the largest
+            magnitude, per channel for per-channel qschemes; the OCTAV paper's baseline).
     """
 
     min_val: Tensor
@@ -167,6 +172,7 @@ class OctavObserver(UniformQuantizationObserverBase):
         ch_axis: int = 0,
         averaging_constant: Optional[float] = None,
         iterations: int = 10,
+        clipping: str = "octav",
         factory_kwargs: Optional[dict[str, Any]] = None,
         eps: float = torch.finfo(torch.float32).eps,
         is_dynamic: bool = False,
@@ -178,6 +184,8 @@ class OctavObserver(UniformQuantizationObserverBase):
             raise ValueError(f"averaging_constant must be None or in (0, 1], got {averaging_constant!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+        if clipping not in OCTAV_CLIPPINGS:
+            raise ValueError(f"unknown clipping {clipping!r}; valid choices: {', '.join(OCTAV_CLIPPINGS)}")
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
                          factory_kwargs=factory_kwargs, eps=eps, is_dynamic=is_dynamic, **kwargs)
         factory_kwargs = torch.nn.factory_kwargs(factory_kwargs)
@@ -186,6 +194,7 @@ class OctavObserver(UniformQuantizationObserverBase):
         self.symmetric = qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
         self.averaging_constant = averaging_constant
         self.iterations = iterations
+        self.clipping = clipping
         self.bits = _bits(self.quant_min, self.quant_max)
         # Empty until the first batch (one value per tensor, or per channel).
         self.register_buffer("min_val", torch.tensor([], **factory_kwargs))
@@ -196,6 +205,8 @@ class OctavObserver(UniformQuantizationObserverBase):
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The OCTAV clipping range (low, high) of this batch alone (1 value, or 1 per channel)."""
         x = x.detach().to(torch.float32)
+        if self.clipping == "max":
+            return self._max_range(x)
         # Warm start from the stored range: a few Newton steps then suffice (see octav_clip).
         init = torch.maximum(-self.min_val, self.max_val) if self.min_val.numel() > 0 else None
         if self.symmetric:
@@ -210,6 +221,13 @@ class OctavObserver(UniformQuantizationObserverBase):
             return torch.zeros_like(s), s
         s = octav_clip(x, self.bits, iterations=self.iterations, init=init)
         return torch.maximum(-s, low.reshape(1)), torch.minimum(s, high.reshape(1))
+
+    def _max_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.symmetric:
+            s = _rows(x.abs(), self.ch_axis if self.per_channel else None).amax(dim=1)
+            return -s, s
+        low, high = torch.aminmax(x)
+        return low.clamp_max(0.0).reshape(1), high.clamp_min(0.0).reshape(1)
 
     @torch.no_grad()
     def update(self, low: Tensor, high: Tensor) -> None:
@@ -371,6 +389,7 @@ def get_octav_qconfig(
     calib_batches: int = 5,
     iterations: int = 10,
     act_averaging_constant: float = 0.01,
+    clipping: str = "octav",
 ) -> QConfig:
     """qconfig with OCTAV clipping: per-channel weights (every engine), per-tensor activations.
 
@@ -386,6 +405,8 @@ def get_octav_qconfig(
         iterations: Newton-Raphson steps.
         act_averaging_constant: dynamic QAT: EMA weight of the activation range that evaluation
             and conversion use.
+        clipping: ``"octav"`` or ``"max"`` (max-scaling, the paper's baseline; see
+            :class:`OctavObserver`).
     """
     if gradient not in OCTAV_GRADIENTS:
         raise ValueError(f"unknown OCTAV gradient {gradient!r}; valid choices: {', '.join(OCTAV_GRADIENTS)}")
@@ -394,17 +415,17 @@ def get_octav_qconfig(
     wscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
     if not qat:
         act_obs = OctavObserver.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=amin,
-                                          quant_max=amax, iterations=iterations)
+                                          quant_max=amax, iterations=iterations, clipping=clipping)
         weight_obs = OctavObserver.with_args(dtype=torch.qint8, qscheme=wscheme, quant_min=wmin, quant_max=wmax,
-                                             ch_axis=0, iterations=iterations)
+                                             ch_axis=0, iterations=iterations, clipping=clipping)
         return QConfig(activation=act_obs, weight=weight_obs)
     weight_grad, act_grad = ("mad", "pwl") if gradient == "mph" else (gradient, gradient)
     act = OctavFakeQuantize.with_args(
         observer=OctavObserver, quant_min=amin, quant_max=amax, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-        averaging_constant=act_averaging_constant if dynamic else None, iterations=iterations,
+        averaging_constant=act_averaging_constant if dynamic else None, iterations=iterations, clipping=clipping,
         gradient=act_grad, dynamic=dynamic, calib_batches=calib_batches)
     weight = OctavFakeQuantize.with_args(
         observer=OctavObserver, quant_min=wmin, quant_max=wmax, dtype=torch.qint8, qscheme=wscheme, ch_axis=0,
-        averaging_constant=1.0 if dynamic else None, iterations=iterations,
+        averaging_constant=1.0 if dynamic else None, iterations=iterations, clipping=clipping,
         gradient=weight_grad, dynamic=dynamic, calib_batches=calib_batches)
     return QConfig(activation=act, weight=weight)

@@ -11,6 +11,7 @@ SCHEDULES = ("cosine", "step", "poly", "constant")
 #: Fake quantizers of the QAT phase (``--qat-method``); ``ste`` is torch's default, the recipe's original.
 QAT_METHODS = ("ste", "ewgs", "octav")
 OCTAV_GRADIENTS = ("mph", "mad", "pwl", "ste")
+OCTAV_CLIPPINGS = ("octav", "max")
 TR_SCHEDULES = ("cosine", "step", "constant")
 EWGS_BOUND_OPTIMIZERS = ("adam", "main")
 GB_RULES = ("paper", "authors")
@@ -28,6 +29,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "octav_gradient": "mph",
     "octav_dynamic": True,
     "octav_calib_batches": 5,
+    "octav_clipping": "octav",
     "talr": False,
     "tr_target": 1.0,           # relative: R_0 = the measured STE rate (docs/methods.md)
     "tr_relative": True,
@@ -167,6 +169,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="OCTAV: gradient of clipped values (mph = MAD for weights, PWL for activations)")
     g.add_argument("--octav-dynamic", action=argparse.BooleanOptionalAction, default=d["octav_dynamic"],
                    help="OCTAV: recompute the clipping every step (--no-octav-dynamic = static-OCTAV)")
+    g.add_argument("--octav-clipping", default=d["octav_clipping"], choices=OCTAV_CLIPPINGS,
+                   help="OCTAV: octav (MSE-optimal clipping) or max (max-scaling, the OCTAV paper's baseline)")
     g.add_argument("--octav-calib-batches", type=int, default=d["octav_calib_batches"],
                    help="static OCTAV: QAT batches averaged before the clipping freezes")
     g.add_argument("--talr", action="store_true", default=d["talr"],

@@ -37,6 +37,7 @@ from ..optim import TransitionRateScheduler
 from ..serialization import load_fp32
 from .args import METHOD_DEFAULTS, method_args, recorded_args
 from .data import DataInfo, TensorBatches, build_data
+from .methods import method_qconfig, quant_ranges as _quant_ranges
 from .optimizer import EWGS_GROUP, build_optimizer, build_scheduler, fp_epochs as _fp_epochs
 from .statassist import StatAssist, find_wrapped
 
@@ -93,16 +94,6 @@ def calibration_batches(train_b: Any, n: int, seed: int) -> list[torch.Tensor]:
     return [x for x, _ in zip((b[0] for b in train_b.epoch(0)), range(n))]
 
 
-def _quant_ranges(args: argparse.Namespace) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
-    for name in ("weight_bits", "act_bits"):
-        bits = getattr(args, name)
-        if not 2 <= bits <= 8:
-            raise ValueError(f"--{name.replace('_', '-')} must be in 2..8, got {bits}")
-    w = None if args.weight_bits == 8 else (-(2 ** (args.weight_bits - 1)), 2 ** (args.weight_bits - 1) - 1)
-    a = None if args.act_bits == 8 else (0, 2 ** args.act_bits - 1)
-    return w, a
-
-
 def check_method_args(args: argparse.Namespace) -> None:
     """Raise for QAT-method flags that do not apply to this run (naming the flag and the fix)."""
     m = method_args(args)
@@ -125,18 +116,6 @@ def check_method_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {m[key]}")
     if not m["ewgs_lr"] >= 0:
         raise ValueError(f"--ewgs-lr must be >= 0, got {m['ewgs_lr']}")
-
-
-def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
-    """The QConfig of ``--qat-method`` for ``backend``, or None for ``ste`` (the default qconfig)."""
-    m = method_args(args)
-    if m["qat_method"] == "ste":
-        return None
-    wrange, arange = _quant_ranges(args)
-    options: dict[str, Any] = {}
-    if m["qat_method"] == "octav":
-        options = {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"], "calib_batches": m["octav_calib_batches"]}
-    return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange, **options)
 
 
 def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:

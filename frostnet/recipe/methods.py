@@ -1,5 +1,6 @@
-"""The recipe's calls into the QAT methods that need more than a qconfig: EWGS's delta estimate
-over several batches and the 8-bit first/last layers (``--keep-8bit-ends``)."""
+"""The recipe's calls into the QAT methods: the qconfig of ``--qat-method`` at the simulated bit
+widths, the 8-bit first/last layers (``--keep-8bit-ends``) and EWGS's delta estimate over several
+batches."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 from .. import quant
 from .args import method_args
 
-__all__ = ["end_layers_qconfig", "refresh_ewgs_deltas"]
+__all__ = ["end_layers_qconfig", "method_qconfig", "quant_ranges", "refresh_ewgs_deltas"]
 
 
 def refresh_ewgs_deltas(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], args: argparse.Namespace,
@@ -42,14 +43,40 @@ def refresh_ewgs_deltas(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         samples=m["ewgs_samples"], per_quantizer=m["ewgs_per_quantizer"], generator=gen)
 
 
+def quant_ranges(args: argparse.Namespace) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    """The simulated (weight, activation) integer ranges of ``--weight-bits``/``--act-bits``
+    (None = 8 bits: the backend's INT8 range)."""
+    for name in ("weight_bits", "act_bits"):
+        bits = getattr(args, name)
+        if not 2 <= bits <= 8:
+            raise ValueError(f"--{name.replace('_', '-')} must be in 2..8, got {bits}")
+    w = None if args.weight_bits == 8 else (-(2 ** (args.weight_bits - 1)), 2 ** (args.weight_bits - 1) - 1)
+    a = None if args.act_bits == 8 else (0, 2 ** args.act_bits - 1)
+    return w, a
+
+
+def _method_options(m: dict[str, Any]) -> dict[str, Any]:
+    if m["qat_method"] == "octav":
+        return {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"],
+                "calib_batches": m["octav_calib_batches"], "clipping": m["octav_clipping"]}
+    return {}
+
+
+def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
+    """The QConfig of ``--qat-method`` for ``backend`` at the simulated bit widths, or None for
+    ``ste`` (the default qconfig)."""
+    m = method_args(args)
+    if m["qat_method"] == "ste":
+        return None
+    wrange, arange = quant_ranges(args)
+    return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange,
+                                    **_method_options(m))
+
+
 def end_layers_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
     """The 8-bit qconfig of ``--qat-method`` for the first and last layers with ``--keep-8bit-ends``
     (pass it to :class:`~frostnet.recipe.statassist.StatAssist` as ``end_qconfig``), else None."""
     m = method_args(args)
     if not m["keep_8bit_ends"]:
         return None
-    options: dict[str, Any] = {}
-    if m["qat_method"] == "octav":
-        options = {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"],
-                   "calib_batches": m["octav_calib_batches"]}
-    return quant.get_method_qconfig(m["qat_method"], backend, **options)
+    return quant.get_method_qconfig(m["qat_method"], backend, **_method_options(m))
