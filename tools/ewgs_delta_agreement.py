@@ -48,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--settings", type=_settings, default=_settings("1,1,all;8,1,all;8,4,all;8,4,per"),
                    help="';'-separated samples,batches,per|all")
+    p.add_argument("--same-batches", action="store_true",
+                   help="both estimates on the same batches (only the vectors differ): separates the vectors' noise "
+                        "from the batch-to-batch variation of the trace")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -87,9 +90,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     for samples, n_batches, per_quantizer in args.settings:
         estimates = []
         t0 = time.perf_counter()
+        shared = [next(batches) for _ in range(n_batches)] if args.same_batches else None
         for draw in range(2):
-            closures = [(lambda x=x, y=y: F.cross_entropy(model(x), y)) for x, y in
-                        (next(batches) for _ in range(n_batches))]
+            chosen = shared if shared is not None else [next(batches) for _ in range(n_batches)]
+            closures = [(lambda x=x, y=y: F.cross_entropy(model(x), y)) for x, y in chosen]
             gen = torch.Generator().manual_seed(args.seed * 1000 + draw * 7 + samples * 31 + n_batches)
             estimates.append(quant.ewgs_trace_estimates(model, closures, samples=samples, per_quantizer=per_quantizer,
                                                         generator=gen))
@@ -97,7 +101,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         a, b = estimates
         agree = sum((a[k].mean_trace > 0) == (b[k].mean_trace > 0) for k in a) / len(a)
         positive = sum(a[k].mean_trace > 0 for k in a) / len(a)
-        row = {"samples": samples, "batches": n_batches, "per_quantizer": per_quantizer, "quantizers": len(a),
+        row = {"samples": samples, "batches": n_batches, "per_quantizer": per_quantizer,
+               "same_batches": args.same_batches, "quantizers": len(a),
                "sign_agreement": round(agree, 4), "positive_fraction": round(positive, 4),
                "seconds_per_estimate": round(seconds, 2)}
         rows.append(row)
