@@ -448,10 +448,9 @@ def estimate_ewgs_deltas(
         \delta = \max\Big(0, \frac{\mathrm{Tr}(H_{x_q}) / N}{3 \sigma(g_{x_q})}\Big)
 
     with the trace averaged over ``samples`` Rademacher vectors on each of ``batches`` and
-    :math:`\sigma` over the batches (:func:`ewgs_trace_estimates`). The defaults (8 vectors,
-    per quantizer, with 4 batches in the recipe) are what made two independent estimates agree on
-    the sign of delta for >= 90% of the quantizers in ``tools/ewgs_delta_agreement.py``
-    (docs/methods.md). Under ``torch.distributed`` the deltas are averaged over the ranks.
+    :math:`\sigma` over the batches (:func:`ewgs_trace_estimates`). How stable the sign of delta
+    is with given settings is measured by ``tools/ewgs_delta_agreement.py`` (docs/methods.md).
+    Under ``torch.distributed`` the deltas are averaged over the ranks.
 
     Args:
         model: an EWGS-prepared model (not DDP-wrapped) after a training forward pass.
