@@ -305,7 +305,7 @@ def test_recipe_method_helpers():
         quant_ranges(parse(["--weight-bits", "1"]))
     d = METHOD_DEFAULTS
     assert (d["tr_relative"], d["tr_target"], d["gb_rule"], d["keep_8bit_ends"]) == (True, 1.0, "paper", False)
-    assert (d["ewgs_samples"], d["ewgs_batches"], d["ewgs_per_quantizer"], d["ewgs_bound_opt"]) == (8, 4, False, "adam")
+    assert (d["ewgs_samples"], d["ewgs_batches"], d["ewgs_per_quantizer"], d["ewgs_bound_opt"]) == (16, 1, False, "adam")
 
 
 def test_statassist_hands_new_quantizer_parameters_to_the_optimizer():
