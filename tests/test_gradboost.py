@@ -536,7 +536,7 @@ def test_fused_matches_unfused(dtype):
 
 
 def test_fused_argument_and_compile_failure(monkeypatch):
-    from frostnet.optim import gradboost
+    from frostnet.optim import _gradboost_buffers
 
     p = nn.Parameter(torch.zeros(5))
     with pytest.raises(TypeError, match="fused must be a bool"):
@@ -547,7 +547,7 @@ def test_fused_argument_and_compile_failure(monkeypatch):
             raise OSError("no C++ compiler")
         return fail
 
-    monkeypatch.setattr(gradboost, "_compiled", {})
+    monkeypatch.setattr(_gradboost_buffers, "_compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
     opt = GradBoost(torch.optim.SGD([p], lr=0.1), fused=True)
     p.grad = torch.ones(5)
