@@ -378,7 +378,7 @@ def test_state_dict_layout_and_plain_optimizer_checkpoints():
     sd = opt.state_dict()
     # The wrapped optimizer's usual entries, plus everything GradBoost needs to resume.
     assert {"state", "param_groups", "gradboost"} <= set(sd)
-    assert set(sd["gradboost"]) == {"phase", "decay", "clamp", "noise_decay", "coin_toss", "seed",
+    assert set(sd["gradboost"]) == {"phase", "decay", "clamp", "noise_decay", "coin_toss", "seed", "rule",
                                     "state", "generators"}
     assert set(sd["gradboost"]["state"]) == set(range(len(list(model.parameters()))))
     assert "cpu" in sd["gradboost"]["generators"]
@@ -536,7 +536,7 @@ def test_fused_matches_unfused(dtype):
 
 
 def test_fused_argument_and_compile_failure(monkeypatch):
-    from frostnet.optim import gradboost
+    from frostnet.optim import _gradboost_buffers
 
     p = nn.Parameter(torch.zeros(5))
     with pytest.raises(TypeError, match="fused must be a bool"):
@@ -547,7 +547,7 @@ def test_fused_argument_and_compile_failure(monkeypatch):
             raise OSError("no C++ compiler")
         return fail
 
-    monkeypatch.setattr(gradboost, "_compiled", {})
+    monkeypatch.setattr(_gradboost_buffers, "_compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
     opt = GradBoost(torch.optim.SGD([p], lr=0.1), fused=True)
     p.grad = torch.ones(5)
@@ -555,3 +555,80 @@ def test_fused_argument_and_compile_failure(monkeypatch):
         opt.step()
     # Nothing was lost: no step counted, the wrapped optimizer did not step.
     assert opt.boost_state[p]["step"] == 0 and torch.equal(p.detach(), torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# rule="authors": the published code's statistics and clamp order
+
+
+def _authors_equations(grads: list[float], decay: float) -> tuple[float, float]:
+    """The authors' statistics of one element, written out: |g| tracked from M0 = m0 = 0, and the
+    stored values divided by 1 - decay**t in place every step (so the division compounds)."""
+    big = small = 0.0
+    for t, g in enumerate(grads, start=1):
+        correction = 1 - decay**t
+        big = (decay * big + (1 - decay) * max(big, abs(g))) / correction
+        small = (decay * small + (1 - decay) * min(small, abs(g))) / correction
+    return big, small
+
+
+def test_authors_rule_statistics_match_their_equations():
+    decay = 0.8
+    p = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = GradBoost(torch.optim.SGD([p], lr=0.0), decay=decay, rule="authors")
+    gen = torch.Generator().manual_seed(3)
+    history = []
+    for _ in range(6):
+        g = torch.randn(5, generator=gen, dtype=torch.float64)
+        history.append(g.tolist())
+        p.grad = g.clone()
+        opt.step()
+    got_max, got_min = opt.statistics(p)
+    for i in range(5):
+        want_max, want_min = _authors_equations([h[i] for h in history], decay)
+        assert math.isclose(got_max[i].item(), want_max, rel_tol=1e-12)
+        assert got_min[i].item() == want_min == 0.0  # min(m, |g|) from 0 never leaves 0
+    # and it is not the paper rule's bias-corrected signed maximum
+    paper_max, _ = _equations([h[0] for h in history], decay)
+    assert got_max[0].item() > 2 * abs(paper_max)
+
+
+def test_authors_rule_decays_before_the_clamp_and_plateaus_there():
+    # |g| statistics inflated by the compounding division: every boosted element sits exactly at the
+    # clamp while decay**s * b is far above it (the paper rule would give clamp * decay**s instead).
+    p = nn.Parameter(torch.zeros(20_000, dtype=torch.float64))
+    clamp = 1e-3
+    opt = GradBoost(torch.optim.SGD([p], lr=0.0), clamp=clamp, noise_decay=0.1, rule="authors", phase="boost")
+    gen = torch.Generator().manual_seed(8)
+    for step in range(1, 4):
+        grad = torch.randn(20_000, generator=gen, dtype=torch.float64)
+        p.grad = grad.clone()
+        opt.step()
+        noise = p.grad - grad
+        boosted = noise != 0
+        assert torch.equal(torch.sign(noise[boosted]), torch.sign(grad[boosted]))
+        assert abs(boosted.double().mean().item() - 0.5) < 0.02  # the coin
+        plateau = (noise[boosted].abs() - clamp).abs() < 1e-15
+        assert plateau.double().mean().item() > 0.95, step
+    paper = GradBoost(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.0), noise_decay=0.1)
+    assert paper.rule == "paper"  # the default
+
+
+def test_authors_rule_round_trips_and_rejects_bad_settings():
+    p = nn.Parameter(torch.zeros(10))
+    opt = GradBoost(torch.optim.SGD([p], lr=0.0), rule="authors", phase="boost")
+    p.grad = torch.ones(10)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["gradboost"]["rule"] == "authors"
+    other = GradBoost(torch.optim.SGD([p], lr=0.0))
+    other.load_state_dict(sd)
+    assert other.rule == "authors"
+    torch.testing.assert_close(other.statistics(p)[0], opt.statistics(p)[0])
+    del sd["gradboost"]["rule"]  # a checkpoint from before the option: the paper rule
+    other.load_state_dict(sd)
+    assert other.rule == "paper"
+    with pytest.raises(ValueError, match="unknown GradBoost rule 'author'; valid rules are paper, authors"):
+        GradBoost(torch.optim.SGD([p], lr=0.0), rule="author")
+    with pytest.raises(ValueError, match="rule='authors'\\) has no fused kernel"):
+        GradBoost(torch.optim.SGD([p], lr=0.0), rule="authors", fused=True)

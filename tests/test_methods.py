@@ -563,3 +563,123 @@ def test_fold_tracker_leaves_observed_grids_and_checks_its_state():
         tracker.load_state_dict({"folds": [torch.ones(3)]})
     with pytest.raises(ValueError, match="pass either model or modules"):
         quant.FoldTracker()
+
+
+# ---------------------------------------------------------------------------------------------
+# EWGS delta over several batches, per quantizer (issue 20)
+
+
+class _Coupled(nn.Module):
+    """Two EWGS weight quantizers; the loss couples their outputs element-wise, so the Hessian has
+    diagonal blocks diag(a1), diag(a2) and an off-diagonal block diag(c)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(64, generator=gen))
+        self.w2 = nn.Parameter(torch.randn(64, generator=gen))
+        self.fq1 = _ewgs(torch.per_tensor_symmetric, (-8, 7))
+        self.fq2 = _ewgs(torch.per_tensor_symmetric, (-8, 7))
+        self.a1, self.a2 = torch.rand(64, generator=gen) + 0.5, torch.rand(64, generator=gen) + 0.5
+        self.c = torch.randn(64, generator=gen) * 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fq1(self.w1) * x, self.fq2(self.w2) * x])
+
+    def loss(self, out: torch.Tensor, _target: object = None) -> torch.Tensor:
+        q1, q2 = out
+        return 0.5 * (self.a1 * q1**2).sum() + 0.5 * (self.a2 * q2**2).sum() + (self.c * q1 * q2).sum()
+
+
+def test_ewgs_per_quantizer_trace_is_exact_where_all_at_once_has_cross_terms():
+    model = _Coupled()
+    one = torch.ones(())
+    model(one)  # sets the intervals
+    exact = {name: float((fq.interval_width(torch.zeros(1)).double() ** 2 * a.double()).mean())
+             for name, fq, a in (("fq1", model.fq1, model.a1), ("fq2", model.fq2, model.a2))}
+    closure = lambda: model.loss(model(one))  # noqa: E731
+    gen = torch.Generator().manual_seed(1)
+    per = quant.ewgs_trace_estimates(model, [closure], samples=1, per_quantizer=True, generator=gen)
+    assert {n: e.mean_trace for n, e in per.items()} == pytest.approx(exact, rel=1e-6)  # float32
+    joint = quant.ewgs_trace_estimates(model, [closure], samples=1, per_quantizer=False, generator=gen)
+    assert any(abs(joint[n].mean_trace - exact[n]) > 0.05 * exact[n] for n in exact)  # one draw: cross terms
+    many = quant.ewgs_trace_estimates(model, [closure] * 4, samples=100, per_quantizer=False, generator=gen)
+    assert {n: e.mean_trace for n, e in many.items()} == pytest.approx(exact, rel=0.1)  # they vanish on average
+
+
+def test_estimate_ewgs_deltas_averages_batches_and_sets_eq10():
+    model = _Coupled()
+    model(torch.ones(()))
+    batches = [(torch.tensor(0.5), None), (torch.tensor(2.0), None), (torch.tensor(9.0), None)]
+    deltas = quant.estimate_ewgs_deltas(model, iter(batches[:2]), model.loss, samples=2)
+    estimates = quant.ewgs_trace_estimates(
+        model, [lambda x=x: model.loss(model(x)) for x, _ in batches[:2]], samples=2)
+    assert deltas == pytest.approx({n: e.delta for n, e in estimates.items()})
+    assert float(model.fq1.delta) == pytest.approx(deltas["fq1"]) and deltas["fq1"] > 0
+    # the trace scales with x**2 per batch: the average is over both batches, not the last one
+    first = quant.ewgs_trace_estimates(model, [lambda: model.loss(model(torch.tensor(0.5)))], samples=2)
+    assert estimates["fq1"].mean_trace == pytest.approx(first["fq1"].mean_trace * (0.25 + 4.0) / 2 / 0.25)
+    with pytest.raises(ValueError, match="closures is empty"):
+        quant.estimate_ewgs_deltas(model, iter([]), model.loss)
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
+        quant.estimate_ewgs_deltas(model, iter(batches), model.loss, samples=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# OCTAV max-scaling (the paper's baseline)
+
+
+def test_octav_max_scaling_clips_nothing():
+    x = torch.tensor([[-3.0, 1.0, 0.5], [0.2, -0.1, 2.0]])
+    obs = quant.OctavObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-8, quant_max=7,
+                              clipping="max")
+    low, high = obs.batch_range(x)
+    assert high.tolist() == [3.0, 2.0] and low.tolist() == [-3.0, -2.0]
+    act = quant.OctavObserver(quant_min=0, quant_max=15, clipping="max")
+    assert [float(v) for v in act.batch_range(torch.tensor([0.5, 4.0, 1.0]))] == [0.0, 4.0]
+    octav = quant.OctavObserver(quant_min=0, quant_max=15)
+    assert float(octav.batch_range(torch.tensor([0.5, 4.0, 1.0] * 10 + [40.0]))[1]) < 40.0
+    qconfig = quant.get_octav_qconfig("x86", clipping="max", weight_quant_range=(-8, 7))
+    assert qconfig.weight().activation_post_process.clipping == "max"
+    with pytest.raises(ValueError, match="unknown clipping 'min'; valid choices: octav, max"):
+        quant.OctavObserver(clipping="min")
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_8bit_ends
+
+
+def _ranges_of(model: nn.Module, name: str) -> tuple[int, int]:
+    fq = model.get_submodule(name)
+    obs = getattr(fq, "activation_post_process", fq)
+    return int(obs.quant_min), int(obs.quant_max)
+
+
+@pytest.mark.parametrize("method", ["ste", "ewgs", "octav"])
+def test_keep_8bit_ends_first_last_8bit_middle_4bit_and_int8(method):
+    model = frostnet.get_model("frostnet_small_0_35", num_classes=10)
+    quant.prepare_qat(model, "x86", qconfig=quant.get_method_qconfig(method, "x86", weight_quant_range=(-8, 7),
+                                                                     act_quant_range=(0, 15)))
+    replaced = quant.keep_8bit_ends(model, quant.get_method_qconfig(method, "x86"))
+    layers = [n for n, _ in quant.weight_quantized_modules(model)]
+    first, middle, last = layers[0], layers[len(layers) // 2], layers[-1]
+    assert replaced == ["quant.activation_post_process", f"{first}.weight_fake_quant",
+                        "last_layer.conv.0.activation_post_process", f"{last}.weight_fake_quant",
+                        f"{last}.activation_post_process"]
+    for name in replaced:
+        assert _ranges_of(model, name) in ((-128, 127), (0, 127), (0, 255))
+    assert _ranges_of(model, f"{middle}.weight_fake_quant") == (-8, 7)
+    assert _ranges_of(model, f"{middle}.activation_post_process") == (0, 15)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    model.eval()
+    int8 = quant.convert(model, "x86")
+    assert quant.is_quantized_model(int8)
+    assert int8(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_keep_8bit_ends_needs_a_prepared_model():
+    with pytest.raises(ValueError, match="has 0 weight-quantized layers; keep_8bit_ends needs a model prepared"):
+        quant.keep_8bit_ends(frostnet.get_model("frostnet_small_0_35", num_classes=10), quant.get_qconfig("x86", qat=True))
+    with pytest.raises(TypeError, match="qconfig must be a torch.ao.quantization.QConfig, got str"):
+        quant.keep_8bit_ends(nn.Linear(2, 2), "x86")

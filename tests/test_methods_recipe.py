@@ -5,7 +5,9 @@ not apply raise; default runs keep the checkpoint layout they had before the met
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,33 +172,145 @@ def test_default_runs_record_exactly_the_old_args():
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f"frostnet_tools_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_compare_methods_commands_and_table_from_logs(tmp_path):
+def test_compare_methods_dry_run_lists_the_protocol_and_records_resumably(tmp_path, capsys):
     tool = _tool("compare_methods")
-    args = tool.get_args_parser().parse_args(["--table", "--runs", str(tmp_path), "--seeds", "0,1", "--rows", "ste,octav"])
-    cmds = dict((d.name, argv) for d, argv in tool.commands(args))
-    assert len(cmds) == 2 * 2 * 2  # rows x bit settings x seeds
-    octav4 = cmds["frostnet_small_0_5.octav.w4a4.seed1"]
-    assert {"--qat-method", "octav", "--weight-bits", "4", "--act-bits", "4", "--resume", "auto"} <= set(octav4)
-    assert octav4[octav4.index("--epochs") + 1] == "5" and octav4[octav4.index("--seed") + 1] == "1"
-    for seed, top1 in ((0, 80.0), (1, 82.0)):  # two finished W4A4 OCTAV runs (one epoch logged twice: resumed)
-        d = tmp_path / f"frostnet_small_0_5.octav.w4a4.seed{seed}"
-        d.mkdir()
-        records = [{"epoch": 0, "phase": "qat", "train_time_s": 99.0}, {"epoch": 0, "phase": "qat", "train_time_s": 10.0},
-                   {"epoch": 1, "phase": "qat", "train_time_s": 20.0},
-                   {"final": {"fp32_top1": 90.0, "fake_quant_top1": top1, "int8_x86_top1": top1 - 1,
-                              "int8_qnnpack_top1": top1 - 2}}]
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "frostnet_small_0_5.ste.w8a8.seed0").mkdir()  # started, unfinished
-    (tmp_path / "frostnet_small_0_5.ste.w8a8.seed0/metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
-    lines = tool.table(args).splitlines()
-    assert "| + OCTAV / MAD | W4A4 | 90.00 ± 0.00 | 81.00 ± 1.41 | 80.00 ± 1.41 | 79.00 ± 1.41 | 15.0 ± 0.0 | 2/2 |" in lines
-    assert "| plain STE QAT | W8A8 | - | - | - | - | - | 0/2 |" in lines
+    parse = tool.get_args_parser().parse_args
+    results, run_root = tmp_path / "results", tmp_path / "runs"
+    base = ["--protocol", "finetune", "--runs", str(run_root), "--results", str(results)]
+    args = parse(base + ["--dry-run"])
+    runs = tool.runs(args)
+    # one shared FP32 run first, then 7 methods x 3 bit settings x 3 seeds
+    assert len(runs) == 1 + 7 * 3 * 3 and runs[0].method == "fp32" and runs[0].bits == "fp32"
+    assert {r.bits for r in runs[1:]} == {"w4a4", "w3a3", "w2a2"} and {r.seed for r in runs} == {0, 1, 2}
+    fp32_file = str(run_root / "finetune" / "fp32.fp32.seed0" / "export" / "frostnet_small_0_5.fashion_mnist.fp32.safetensors")
+    by_key = {r.key: r for r in runs}
+    ewgs0 = by_key[("ewgs delta=0", "w2a2", 1)].argv
+    assert {"--mode", "qat-finetune", "--keep-8bit-ends", "--qat-method", "ewgs", "--resume"} <= set(ewgs0)
+    assert ewgs0[ewgs0.index("--init") + 1] == fp32_file and ewgs0[ewgs0.index("--weight-bits") + 1] == "2"
+    assert ewgs0[ewgs0.index("--ewgs-interval") + 1] == tool.NEVER
+    octav_max = by_key[("octav max-scaling", "w3a3", 2)].argv
+    assert octav_max[octav_max.index("--octav-clipping") + 1] == "max"
+    sagb = by_key[("statassist+gradboost", "w4a4", 0)].argv
+    assert sagb[len(sagb) - 1 - sagb[::-1].index("--mode") + 1] == "statassist+gradboost"  # the last --mode wins
+    # a finished run (its metrics.jsonl has a final record) is recorded without running again
+    done = by_key[("ste", "w4a4", 0)]
+    (done.out).mkdir(parents=True)
+    final = {"fp32_top1": 91.0, "fake_quant_top1": 88.5, "int8_x86_top1": 88.25, "extra": 1}
+    (done.out / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n" + json.dumps({"final": final}) + "\n")
+    tool.main(parse(base + ["--dry-run", "--methods", "ste", "--bits", "w4a4", "--seeds", "0"]))
+    out = capsys.readouterr().out
+    assert "[finished, unrecorded] ste w4a4 seed 0" in out and "[to do] fp32 fp32 seed 0" in out
+    tool.record(results / "finetune.json", "finetune", done, final)
+    tool.record(results / "finetune.json", "finetune", by_key[("ste", "w4a4", 1)], {**final, "fake_quant_top1": 86.5})
+    tool.main(parse(base + ["--dry-run", "--methods", "ste", "--bits", "w4a4", "--seeds", "0,1"]))
+    out = capsys.readouterr().out
+    assert "[done] ste w4a4 seed 0" in out and "[done] ste w4a4 seed 1" in out and "3 runs, 1 to do" in out
+    rows = tool.load_results(results / "finetune.json")
+    assert rows[0] == {"method": "ste", "bits": "w4a4", "seed": 0, "command": done.command(),
+                       "metrics": {"fp32_top1": 91.0, "fake_quant_top1": 88.5, "int8_x86_top1": 88.25}}
+    tool.main(parse(base + ["--table"]))
+    table = (results / "finetune.md").read_text().splitlines()
+    assert "| ste | W4A4 | 91.00 ± 0.00 | 87.50 ± 1.41 | 88.25 ± 0.00 | 0,1 |" in table
     with pytest.raises(SystemExit, match="unknown lsq"):
-        tool.commands(tool.get_args_parser().parse_args(["--table", "--rows", "lsq"]))
+        tool.runs(parse(base + ["--dry-run", "--methods", "lsq"]))
+    (results / "bad.json").write_text("[]")
+    with pytest.raises(SystemExit, match="is not a results file"):
+        tool.load_results(results / "bad.json")
+
+
+def _saved(state: dict) -> "io.BytesIO":
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class _TinyNet(torch.nn.Module):
+    """QuantStub -> Conv-BN-ReLU -> pool -> Linear: the recipe's optimizer pieces on a small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = quant.QuantStub(), quant.DeQuantStub()
+        self.conv, self.bn, self.relu = torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(self.quant(x))))
+        return self.dequant(self.fc(x.mean((2, 3))))
+
+    def fuse_model(self, is_qat=None) -> None:
+        quant.fuse_modules(self, [["conv", "bn", "relu"]], is_qat=bool(is_qat))
+
+
+def test_ewgs_bounds_get_their_own_adam_at_1e_5():
+    from frostnet.optim import CombinedOptimizer, GradBoost
+    from frostnet.recipe.optimizer import EWGS_GROUP, build_optimizer, build_scheduler
+    from frostnet.recipe.statassist import StatAssist
+
+    args = get_args_parser().parse_args(["--mode", "statassist+gradboost", "--qat-method", "ewgs", "--epochs", "2"])
+    model = _TinyNet()
+    opt = build_optimizer(model, args, steps_per_epoch=4)
+    assert isinstance(opt, GradBoost) and isinstance(opt.optimizer, CombinedOptimizer)
+    combined = opt.optimizer
+    assert isinstance(combined.optimizer, torch.optim.SGD) and isinstance(combined.extra, torch.optim.Adam)
+    assert opt.param_groups[EWGS_GROUP] is combined.extra.param_groups[0]
+    assert opt.param_groups[EWGS_GROUP]["lr"] == 1e-5 and METHOD_DEFAULTS["ewgs_lr"] == 1e-5
+    sa = StatAssist(model, opt, fp_epochs=0, qconfig=quant.get_ewgs_qconfig("x86"), qparam_group=EWGS_GROUP)
+    sa.on_epoch_start(0)
+    bounds = {id(p) for p in quant.ewgs_parameters(model)}
+    assert {id(p) for p in combined.extra.param_groups[0]["params"]} == bounds
+    assert not bounds & {id(p) for g in combined.optimizer.param_groups for p in g["params"]}
+    sched = build_scheduler(opt, args, steps_per_epoch=4)
+    model.train()
+    x, y = torch.randn(4, 3, 6, 6), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        model(x)  # the first forward pass sets the intervals from the data
+    before = [p.detach().clone() for p in quant.ewgs_parameters(model)]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(quant.ewgs_parameters(model), before)]
+    assert max(moved) <= 2 * 1e-5 * (1 + 1e-3) and max(moved) > 0  # Adam: at most lr per step
+    assert opt.param_groups[EWGS_GROUP]["lr"] < 1e-5  # the cosine schedule reaches the bounds' group too
+    # checkpoint round trip through the whole chain
+    state = opt.state_dict()
+    assert set(state) >= {"main", "extra", "param_groups", "gradboost"}
+    with pytest.raises(ValueError, match="not a CombinedOptimizer state dict"):
+        combined.load_state_dict(combined.optimizer.state_dict())
+    saved = {k: (v.clone() if torch.is_tensor(v) else v)
+             for k, v in combined.extra.state[quant.ewgs_parameters(model)[0]].items()}
+    opt.load_state_dict(torch.load(_saved(state), weights_only=True))
+    for k, v in combined.extra.state[quant.ewgs_parameters(model)[0]].items():
+        torch.testing.assert_close(v, saved[k])
+    old = build_optimizer(_TinyNet(),
+                          get_args_parser().parse_args(["--mode", "qat", "--qat-method", "ewgs", "--ewgs-bound-opt", "main"]))
+    assert isinstance(old, torch.optim.SGD) and len(old.param_groups) == 3
+
+
+def test_recipe_method_helpers():
+    from frostnet.recipe.methods import end_layers_qconfig, method_qconfig, quant_ranges
+
+    parse = get_args_parser().parse_args
+    assert end_layers_qconfig(parse([]), "x86") is None
+    ends = end_layers_qconfig(parse(["--keep-8bit-ends", "--qat-method", "octav", "--octav-clipping", "max"]), "x86")
+    weight = ends.weight()
+    assert (weight.activation_post_process.quant_min, weight.activation_post_process.quant_max) == (-128, 127)
+    assert weight.activation_post_process.clipping == "max"
+    args = parse(["--qat-method", "octav", "--octav-clipping", "max", "--weight-bits", "3", "--act-bits", "3"])
+    assert quant_ranges(args) == ((-4, 3), (0, 7))
+    assert method_qconfig(args, "x86").weight().activation_post_process.clipping == "max"
+    with pytest.raises(ValueError, match="--weight-bits must be in 2..8, got 1"):
+        quant_ranges(parse(["--weight-bits", "1"]))
+    d = METHOD_DEFAULTS
+    assert (d["tr_relative"], d["tr_target"], d["gb_rule"], d["keep_8bit_ends"]) == (True, 1.0, "paper", False)
+    assert (d["ewgs_samples"], d["ewgs_batches"], d["ewgs_per_quantizer"], d["ewgs_bound_opt"]) == (16, 1, False, "adam")
 
 
 def test_statassist_hands_new_quantizer_parameters_to_the_optimizer():

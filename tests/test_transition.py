@@ -266,3 +266,62 @@ def test_errors_name_the_bad_value():
         TransitionRateScheduler(SGDT(p, schedule="constant"))
     with pytest.raises(ValueError, match="prepare it for QAT"):
         SGDT(_Tiny().parameters(), schedule="constant", model=_Tiny())
+
+
+# ---------------------------------------------------------------------------------------------
+# relative targets (the recipe's default since issue 20)
+
+#: Documented bound (docs/methods.md): with a relative target no layer's TALR sits at 0 for more than
+#: this many consecutive steps in the first 100 steps of the tiny model below at W8A8.
+MAX_STEPS_AT_ZERO = 20
+
+
+def _longest_run_at_zero(**kwargs) -> tuple[int, SGDT]:
+    model = _qat_model()
+    opt = SGDT(model.parameters(), lr=0.1, momentum=0.9, schedule="cosine", total_steps=1000, model=model, **kwargs)
+    run: dict[str, int] = {}
+    longest = 0
+    for x, y in _batches(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, r in opt.layer_rates().items():
+            run[name] = run.get(name, 0) + 1 if r["U"] == 0.0 else 0
+            longest = max(longest, run[name])
+    return longest, opt
+
+
+def test_relative_target_keeps_every_talr_off_zero_where_the_absolute_one_froze():
+    # The recipe's earlier default, an absolute 0.02 far below this model's natural rate at 8 bits,
+    # drives U to exactly 0 and leaves it there (the issue's W8A8 failure).
+    frozen, _ = _longest_run_at_zero(target=0.02)
+    assert frozen > 50
+    longest, opt = _longest_run_at_zero(target=1.0, relative=True)
+    assert longest <= MAX_STEPS_AT_ZERO
+    assert opt.reference_rate is not None and opt.reference_rate > 0.02
+
+
+def test_relative_target_calibration_by_hand():
+    model = _qat_model()
+    u0, cal = 0.05, 3
+    opt = SGDT(model.parameters(), lr=u0, target=0.5, relative=True, calibration_steps=cal, schedule="constant",
+               model=model)
+    assert opt.calibrating and opt.target_rate() == 0.0
+    seen = {"conv": [], "fc": []}
+    for x, y in _batches(cal):
+        counted = _step_counting(model, opt, x, y)
+        for name, c in counted.items():
+            seen[name].append(c["k"])
+            assert opt.layer_rates()[name]["U"] == u0  # not adapted while measuring
+    assert not opt.calibrating
+    means = {n: sum(v) / cal for n, v in seen.items()}
+    assert {n: r["K"] for n, r in opt.layer_rates().items()} == pytest.approx(means)
+    assert opt.reference_rate == pytest.approx(sum(means.values()) / 2)
+    assert opt.target_rate() == pytest.approx(0.5 * opt.reference_rate)
+    # the reference is checkpointed
+    clone = SGDT(_qat_model().parameters(), lr=u0, target=0.5, relative=True, calibration_steps=cal,
+                 schedule="constant")
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert clone.reference_rate == opt.reference_rate and not clone.calibrating
+    with pytest.raises(ValueError, match="calibration_steps must be a positive int, got 0"):
+        SGDT(model.parameters(), lr=0.1, relative=True, calibration_steps=0, schedule="constant")

@@ -32,11 +32,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._gradboost_buffers import _FlatLayout, _bits_numel, _run_compiled
 from ._wrapper import OptimizerWrapper
 
-__all__ = ["GradBoost", "PHASES"]
+__all__ = ["GB_RULES", "GradBoost", "PHASES"]
 
 PHASES: Final[tuple[str, ...]] = ("collect", "boost")
+#: The statistics and noise rules of :class:`GradBoost`: the paper's equations (default) or the
+#: authors' published code.
+GB_RULES: Final[tuple[str, ...]] = ("paper", "authors")
 
 #: The random words of a draw come in two halves (draw() in _draw_log_u is written for two), each
 #: from its own reseeded generator.
@@ -103,6 +107,12 @@ def _check_seed(seed: int) -> int:
     return value
 
 
+def _check_rule(rule: str) -> str:
+    if rule not in GB_RULES:
+        raise ValueError(f"unknown GradBoost rule {rule!r}; valid rules are {', '.join(GB_RULES)}")
+    return rule
+
+
 def _check_phase(phase: str) -> str:
     if phase not in PHASES:
         raise ValueError(f"unknown GradBoost phase {phase!r}; valid phases are {', '.join(PHASES)}")
@@ -157,6 +167,26 @@ class GradBoost(OptimizerWrapper):
       gradient only, because weight decay belongs to the wrapped optimizer (for AdamW it is
       decoupled anyway).
 
+    **rule="authors"** reproduces the authors' published code (clovaai/frostnet, ``QSGD`` & co.)
+    instead, with :math:`a_t = |g_t|`, :math:`M_0 = m_0 = 0` and :math:`c_t = 1 - \gamma_1^t`:
+
+    .. math::
+        M_t &= \big(\gamma_1 M_{t-1} + (1 - \gamma_1) \max(M_{t-1}, a_t)\big) / c_t \\
+        m_t &= \big(\gamma_1 m_{t-1} + (1 - \gamma_1) \min(m_{t-1}, a_t)\big) / c_t \\
+        g_t &\leftarrow g_t + \operatorname{sign}(g_t) \min\big(k \, |\psi_1| (M_t - m_t)
+              (1 - \text{noise\_decay})^s, \gamma_2\big), \qquad \psi_1 \sim \mathrm{Laplace}(0, 1)
+
+    The stored statistics are divided by :math:`c_t` in place every step, so the division
+    compounds (about :math:`\prod_t 1/c_t \approx 10^7` at :math:`\gamma_1 = 0.9`), and since
+    :math:`m` tracks :math:`\min(m, |g|)` from 0 it stays 0: the spread is that inflated maximum,
+    and the noise sits at the clamp :math:`\gamma_2` (decay applied *before* the clamp) until
+    :math:`(1 - \text{noise\_decay})^s` pulls it below, a plateau the paper rule never reaches
+    (there the clamp comes first and the decay then shrinks every draw). Both phases update the
+    statistics in both rules. Default ``"paper"``: it is the method as the paper's equations define it
+    (a running spread of the signed gradient), and the recipe's runs and checkpoints made before
+    the option existed used it; ``"authors"`` is what the paper's published numbers were trained
+    with. The ``"authors"`` rule takes the per-parameter path (no flat buffers, no ``fused``).
+
     ``p.grad`` is left boosted after ``step()`` rather than restored: the usual ``zero_grad()``
     discards it, and restoring would cost a copy of every gradient each step. Code that reads
     gradients after ``step()`` sees the boosted values.
@@ -196,6 +226,8 @@ class GradBoost(OptimizerWrapper):
             ``torch.compile`` backend (a C++ compiler on CPU); the first step compiles for a few
             seconds. Results equal the unfused ones up to floating-point rounding. Steps whose
             bucket mixes parameters with different step counts take the unfused path.
+        rule: ``"paper"`` (the equations above, default) or ``"authors"`` (the published code's
+            statistics and clamp order, see above); not combinable with ``fused``.
 
     Raises:
         TypeError: If ``optimizer`` is not a supported optimizer or ``coin_toss`` or ``fused`` is
@@ -214,6 +246,7 @@ class GradBoost(OptimizerWrapper):
         seed: int = 0,
         phase: str = "collect",
         fused: bool = False,
+        rule: str = "paper",
     ) -> None:
         if isinstance(optimizer, GradBoost):
             raise TypeError("optimizer is already a GradBoost; wrap the inner optimizer only once")
@@ -237,6 +270,9 @@ class GradBoost(OptimizerWrapper):
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool (True or False), got {fused!r}")
         self._fused = fused
+        self._rule = _check_rule(rule)
+        if fused and rule == "authors":
+            raise ValueError("GradBoost(rule='authors') has no fused kernel; use fused=False with it")
         # Per-parameter GradBoost statistics, kept apart from the wrapped optimizer's state:
         # torch optimizers initialise their own state when theirs is empty, so foreign keys in it
         # would break them.
@@ -265,6 +301,7 @@ class GradBoost(OptimizerWrapper):
             "_seed": self._seed,
             "_phase": self._phase,
             "_fused": self._fused,
+            "_rule": self._rule,
             "boost_state": self.boost_state,
             "_generators": self._generators,
             "_pending_generator_states": self._pending_generator_states,
@@ -283,7 +320,7 @@ class GradBoost(OptimizerWrapper):
         return (
             f"GradBoost(decay={self._decay}, clamp={self._clamp}, "
             f"noise_decay={self._noise_decay}, coin_toss={self._coin_toss}, seed={self._seed}, "
-            f"phase={self._phase!r}, fused={self._fused},\n{inner}\n)"
+            f"phase={self._phase!r}, fused={self._fused}, rule={self._rule!r},\n{inner}\n)"
         )
 
     # -- hyper-parameters and phase --------------------------------------------------------------
@@ -330,6 +367,11 @@ class GradBoost(OptimizerWrapper):
         return self._seed
 
     @property
+    def rule(self) -> str:
+        """``"paper"`` or ``"authors"`` (see the class docstring)."""
+        return self._rule
+
+    @property
     def phase(self) -> str:
         """The current phase, ``"collect"`` or ``"boost"``; change it with :meth:`set_phase`."""
         return self._phase
@@ -362,6 +404,9 @@ class GradBoost(OptimizerWrapper):
         st = self.boost_state.get(param)
         if not st:
             raise KeyError("no GradBoost statistics for this parameter yet: it has not had a step")
+        if self._rule == "authors":
+            # stored already divided (in place, compounding)
+            return st["exp_max"].clone(), st["exp_min"].clone()
         correction = 1.0 - self._decay ** st["step"]
         return st["exp_max"] / correction, st["exp_min"] / correction
 
@@ -428,7 +473,7 @@ class GradBoost(OptimizerWrapper):
         self, device: torch.device, dtype: torch.dtype, params: list[Tensor]
     ) -> None:
         boost = self._phase == "boost"
-        layout = self._layout_for(device, dtype, params)
+        layout = self._layout_for(device, dtype, params) if self._rule == "paper" else None
         states = [self.boost_state[p] for p in params]
         for st in states:
             if "step" not in st:
@@ -438,6 +483,9 @@ class GradBoost(OptimizerWrapper):
                 st["boost_step"] += 1
         generator = self._generator(device) if boost else None
         grads = [p.grad for p in params]
+        if self._rule == "authors":
+            self._boost_authors(params, states, generator)
+            return
 
         if layout is not None:
             # Fast path: the bucket as one flat tensor, so that each operation is one kernel over
@@ -506,6 +554,31 @@ class GradBoost(OptimizerWrapper):
             sign = torch.sign(grad)
             scale = (1.0 - self._noise_decay) ** st["boost_step"] / correction
             grad.addcmul_(work, sign, value=scale)
+
+    def _boost_authors(self, params: list[Tensor], states: list[dict[str, Any]],
+                       generator: torch.Generator | None) -> None:
+        """The authors' code's rule, one parameter at a time (see the class docstring)."""
+        weight = 1.0 - self._decay
+        for p, st in zip(params, states):
+            if "exp_max" not in st:
+                st["exp_max"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_min"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grad = p.grad
+            exp_max, exp_min = st["exp_max"], st["exp_min"]
+            correction = 1.0 - self._decay ** st["step"]
+            magnitude = grad.abs()
+            exp_max.lerp_(torch.maximum(exp_max, magnitude), weight).div_(correction)
+            exp_min.lerp_(torch.minimum(exp_min, magnitude), weight).div_(correction)
+            if generator is None:
+                continue
+            work = torch.empty(grad.shape, device=grad.device, dtype=grad.dtype)
+            bits = torch.empty(_bits_numel(grad.numel()), device=grad.device, dtype=torch.int64)
+            self._draw_log_u(work, None, bits, generator)
+            # -log(u) is k |psi_1| (k = 0 where log(u) > 0, see _draw_log_u); the decay comes
+            # before the clamp, as in the authors' code.
+            work.neg_().clamp_(min=0.0).mul_(exp_max - exp_min)
+            work.mul_((1.0 - self._noise_decay) ** st["boost_step"]).clamp_(max=self._clamp)
+            grad.addcmul_(work, torch.sign(grad))
 
     def _update_statistics(
         self, grad: Tensor, exp_max: Tensor, exp_min: Tensor, work: Tensor
@@ -708,6 +781,7 @@ class GradBoost(OptimizerWrapper):
             "noise_decay": self._noise_decay,
             "coin_toss": self._coin_toss,
             "seed": self._seed,
+            "rule": self._rule,
             "state": {
                 index[id(p)]: dict(st) for p, st in self.boost_state.items() if st.get("step")
             },
@@ -745,6 +819,8 @@ class GradBoost(OptimizerWrapper):
                 "coin_toss": _check_coin_toss(saved["coin_toss"]),
                 "seed": _check_seed(saved["seed"]),
                 "phase": _check_phase(saved["phase"]),
+                # checkpoints from before the option used the paper rule
+                "rule": _check_rule(saved.get("rule", "paper")),
             }
             saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
             current = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -768,6 +844,7 @@ class GradBoost(OptimizerWrapper):
             self._coin_toss = config["coin_toss"]
             self._seed = config["seed"]
             self._phase = config["phase"]
+            self._rule = config["rule"]
             for idx, st in saved["state"].items():
                 p = id_map[int(idx)]
                 self.boost_state[p] = {
@@ -782,87 +859,3 @@ class GradBoost(OptimizerWrapper):
             }
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _statistics_kernel(grad: Tensor, exp_max: Tensor, exp_min: Tensor, weight: Tensor) -> None:
-    # M <- max(M, lerp(M, g, 1 - gamma1)) is gamma1 M + (1 - gamma1) max(M, g) (eq. 5 with
-    # Algorithm 3's max), written so that the compiler emits one pass; likewise for m.
-    exp_max.copy_(torch.maximum(exp_max, torch.lerp(exp_max, grad, weight)))
-    exp_min.copy_(torch.minimum(exp_min, torch.lerp(exp_min, grad, weight)))
-
-
-def _boost_kernel(
-    grad: Tensor, exp_max: Tensor, exp_min: Tensor, log_u: Tensor, weight: Tensor, bound: Tensor,
-    scale: Tensor,
-) -> None:
-    # The unfused path's arithmetic (statistics, noise magnitude, sign, scale) in one kernel.
-    new_max = torch.maximum(exp_max, torch.lerp(exp_max, grad, weight))
-    new_min = torch.minimum(exp_min, torch.lerp(exp_min, grad, weight))
-    noise = torch.minimum((log_u * (new_min - new_max)).clamp(min=0.0), bound)
-    exp_max.copy_(new_max)
-    exp_min.copy_(new_min)
-    grad.add_(torch.sign(grad) * noise * scale)
-
-
-_KERNELS: Final[dict[str, Callable[..., None]]] = {
-    "statistics": _statistics_kernel,
-    "boost": _boost_kernel,
-}
-_compiled: dict[str, Callable[..., None]] = {}
-
-
-def _run_compiled(name: str, *args: Tensor) -> None:
-    """Run a fused kernel, compiling it with torch.compile on first use."""
-    kernel = _compiled.get(name)
-    if kernel is None:
-        kernel = _compiled[name] = torch.compile(_KERNELS[name], fullgraph=True)
-    try:
-        kernel(*args)
-    except Exception as e:  # compiler missing or broken: say what to do instead
-        raise RuntimeError(
-            f"GradBoost(fused=True) could not run its {name} kernel through torch.compile "
-            f"({type(e).__name__}: {e}); construct GradBoost with fused=False"
-        ) from e
-
-
-def _bits_numel(numel: int) -> int:
-    """Number of int64 random words that provide 16 bits for each of ``numel`` elements."""
-    return (numel + 3) // 4
-
-
-class _FlatLayout:
-    """One (device, dtype) bucket of parameters laid out end to end in flat tensors.
-
-    The statistics live in ``exp_max`` / ``exp_min`` (the per-parameter state holds views of
-    them); ``grad``, ``work``, ``sign`` and ``bits`` are scratch: a gathered copy of the gradients,
-    two work buffers and the random words, reused every step because fresh allocations cost
-    more than the arithmetic on CPU. Memory: about 5.5 times the bucket's parameters (two of
-    statistics, three and a half of scratch, the last one and a half only once boosting starts).
-    """
-
-    def __init__(self, params: list[Tensor], device: torch.device, dtype: torch.dtype) -> None:
-        self.params = list(params)
-        self.ids = tuple(id(p) for p in self.params)
-        self.numels = [p.numel() for p in self.params]
-        total = sum(self.numels)
-        self.exp_max = torch.zeros(total, device=device, dtype=dtype)
-        self.exp_min = torch.zeros(total, device=device, dtype=dtype)
-        self.grad = torch.empty(total, device=device, dtype=dtype)
-        self.work = torch.empty(total, device=device, dtype=dtype)
-        self.max_views = self._views(self.exp_max)
-        self.min_views = self._views(self.exp_min)
-        self.grad_views = self._views(self.grad)
-        self.work_views = self._views(self.work)
-        self.sign: Tensor | None = None
-        self.sign_views: list[Tensor] = []
-        self.bits: Tensor | None = None
-
-    def allocate_noise_buffers(self) -> None:
-        """Allocate the buffers only the boost phase needs."""
-        self.sign = torch.empty_like(self.work)
-        self.sign_views = self._views(self.sign)
-        self.bits = torch.empty(_bits_numel(self.work.numel()), device=self.work.device,
-                                dtype=torch.int64)
-
-    def _views(self, flat: Tensor) -> list[Tensor]:
-        return [t.view(p.shape) for t, p in zip(flat.split(self.numels), self.params)]

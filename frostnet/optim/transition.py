@@ -94,7 +94,16 @@ class TransitionRateScheduler(OptimizerWrapper):
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim`` optimizer except LBFGS, Rprop, ASGD).
-        target: :math:`R_0`, the initial target transition rate (fraction of weights per step).
+        target: :math:`R_0`, the initial target transition rate (fraction of weights per step);
+            with ``relative=True`` a fraction of the measured reference rate instead.
+        relative: measure the reference rate :math:`\bar k` first: for ``calibration_steps``
+            steps every quantized weight steps at its initial rate :math:`U_0` (the scheduled LR:
+            plain STE training), then :math:`R_0 = \text{target} \cdot \bar k` (the mean rate over
+            those steps and layers) and each layer's :math:`K` starts at its own mean rate. This
+            keeps the target in the range the weights actually move at, whatever the bit width:
+            at W8A8 the natural rate of FrostNets is 0.15-0.20 per step, at W4A4 0.03-0.05, so a
+            fixed 0.02 drives :math:`U` to 0 at 8 bits (see docs/methods.md).
+        calibration_steps: length of that measurement (``relative`` only).
         schedule: how :math:`R_t` decays: ``"constant"``, ``"step"`` (times ``gamma`` every
             ``step_size`` steps) or ``"cosine"`` (to ``min_target`` at ``total_steps``).
         total_steps: length of the cosine schedule (steps since the scheduler became active).
@@ -122,6 +131,8 @@ class TransitionRateScheduler(OptimizerWrapper):
         rate_momentum: float = 0.99,
         initial_lr: Optional[float] = None,
         freeze_weight_qparams: bool = True,
+        relative: bool = False,
+        calibration_steps: int = 20,
         model: Optional[nn.Module] = None,
     ) -> None:
         if isinstance(optimizer, TransitionRateScheduler):
@@ -135,7 +146,9 @@ class TransitionRateScheduler(OptimizerWrapper):
         self.config: dict[str, Any] = self._check_config(dict(
             target=target, schedule=schedule, total_steps=total_steps, step_size=step_size, gamma=gamma,
             min_target=min_target, eta=eta, rate_momentum=rate_momentum, initial_lr=initial_lr,
-            freeze_weight_qparams=freeze_weight_qparams))
+            freeze_weight_qparams=freeze_weight_qparams, relative=relative, calibration_steps=calibration_steps))
+        # The measured reference rate of relative targets (None until calibrated).
+        self._reference: Optional[float] = None
         # Per quantized weight: {"K": running rate, "U": TALR, "k": last rate}, keyed like
         # optimizer state (by the parameter tensor) and saved by parameter index.
         self.layer_state: dict[Tensor, dict[str, float]] = {}
@@ -168,6 +181,14 @@ class TransitionRateScheduler(OptimizerWrapper):
             raise ValueError("the cosine target schedule needs total_steps")
         if c["schedule"] == "step" and c["step_size"] is None:
             raise ValueError("the step target schedule needs step_size")
+        # Checkpoints written before relative targets existed hold absolute ones.
+        c.setdefault("relative", False)
+        c.setdefault("calibration_steps", 20)
+        if not isinstance(c["relative"], bool):
+            raise TypeError(f"relative must be a bool, got {c['relative']!r}")
+        cal = c["calibration_steps"]
+        if not isinstance(cal, int) or isinstance(cal, bool) or cal < 1:
+            raise ValueError(f"calibration_steps must be a positive int, got {cal!r}")
         if not isinstance(c["freeze_weight_qparams"], bool):
             raise TypeError(f"freeze_weight_qparams must be a bool, got {c['freeze_weight_qparams']!r}")
         return c
@@ -226,16 +247,27 @@ class TransitionRateScheduler(OptimizerWrapper):
             self._apply_loaded_folds()
         return len(layers)
 
+    @property
+    def reference_rate(self) -> Optional[float]:
+        """The measured rate relative targets scale (None before calibration or when absolute)."""
+        return self._reference
+
+    @property
+    def calibrating(self) -> bool:
+        """True while a relative target's reference rate is being measured (U is not adapted)."""
+        return self.config["relative"] and self._steps < self.config["calibration_steps"]
+
     def target_rate(self, step: Optional[int] = None) -> float:
-        """:math:`R_t` at ``step`` (default: the current step)."""
+        """:math:`R_t` at ``step`` (default: the current step); relative targets: 0 before calibration."""
         t = self._steps if step is None else step
         c = self.config
+        scale = 1.0 if not c["relative"] else (self._reference or 0.0)
         if c["schedule"] == "constant":
-            return c["target"]
+            return scale * c["target"]
         if c["schedule"] == "step":
-            return c["target"] * c["gamma"] ** (t // c["step_size"])
+            return scale * c["target"] * c["gamma"] ** (t // c["step_size"])
         frac = min(t, c["total_steps"]) / c["total_steps"]
-        return c["min_target"] + (c["target"] - c["min_target"]) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return scale * (c["min_target"] + (c["target"] - c["min_target"]) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
     def layer_rates(self) -> dict[str, dict[str, float]]:
         """Per attached layer: last rate ``k``, running rate ``K`` and TALR ``U``."""
@@ -288,13 +320,23 @@ class TransitionRateScheduler(OptimizerWrapper):
                 rate = talr.get(id(p), rates[gi])
                 p.sub_(p0).mul_(rate).add_(p0)
         c = self.config
+        calibrating = self.calibrating
         target = self.target_rate()
         for (_, module, w, _), (grid, levels) in zip(self._layers, before):
             st = self.layer_state[w]
             k = float((quant.weight_levels(module, grid) != levels).sum()) / max(1, levels.numel())
             st["k"] = k
+            if calibrating:
+                # Measuring the reference: U stays U_0, the rates are summed.
+                st["k_sum"] = st.get("k_sum", 0.0) + k
+                continue
             st["K"] = c["rate_momentum"] * st["K"] + (1.0 - c["rate_momentum"]) * k
             st["U"] = max(0.0, st["U"] + c["eta"] * (target - st["K"]))
+        if calibrating and self._steps + 1 == c["calibration_steps"]:
+            states = [self.layer_state[w] for _, _, w, _ in self._layers]
+            for st in states:
+                st["K"] = st.pop("k_sum") / c["calibration_steps"]
+            self._reference = sum(st["K"] for st in states) / len(states)
         if self._fold is not None:
             self._fold.update()
         self._steps += 1
@@ -313,6 +355,7 @@ class TransitionRateScheduler(OptimizerWrapper):
         state_dict["transition"] = {
             "config": dict(self.config),
             "steps": self._steps,
+            "reference": self._reference,
             "layers": {index[id(p)]: dict(st) for p, st in self.layer_state.items() if id(p) in index},
             # BN factors the frozen Conv-BN grids were last synchronised to (FoldTracker)
             "folds": {index[id(w)]: f for w, f in self._fold_refs().items() if id(w) in index},
@@ -361,6 +404,7 @@ class TransitionRateScheduler(OptimizerWrapper):
         if saved is not None:
             self.config = config
             self._steps = int(saved["steps"])
+            self._reference = saved.get("reference")
             for idx, st in saved["layers"].items():
                 self.layer_state[id_map[int(idx)]] = {k: float(v) for k, v in st.items()}
             for idx, f in saved.get("folds", {}).items():
@@ -369,6 +413,7 @@ class TransitionRateScheduler(OptimizerWrapper):
             self._apply_loaded_folds()
         else:
             self._steps = 0
+            self._reference = None
         for _, _, w, gi in self._layers:
             if w not in self.layer_state:
                 u0 = self.config["initial_lr"]

@@ -1,8 +1,11 @@
 """Quantization helpers: fusion, QAT/PTQ preparation, INT8 conversion, QAT methods.
 
 The eager ``torch.ao.quantization`` backend lives in :mod:`frostnet.quant._eager`; the QAT methods
-beside plain fake quantization (EWGS, OCTAV/MAD and the integer weight levels that transition-rate
-scheduling counts, :mod:`frostnet.quant._methods`) build on it. Everything else in frostnet goes
+beside plain fake quantization build on it, one module per method so that each sits beside its
+paper: :mod:`~frostnet.quant.ewgs`, :mod:`~frostnet.quant.octav`, the per-method qconfig
+(:mod:`~frostnet.quant.methods`), 8-bit first/last layers (:mod:`~frostnet.quant.precision`), the
+integer weight levels that transition-rate scheduling counts (:mod:`~frostnet.quant.weight_levels`)
+and :mod:`~frostnet.quant.fold_tracker`. Everything else in frostnet goes
 through the names exported here.
 """
 
@@ -33,24 +36,33 @@ from ._eager import (
     use_engine,
     weight_qscheme,
 )
-from ._methods import (
+from .ewgs import (
     EWGSFakeQuantize,
-    FoldTracker,
+    EWGSTraceEstimate,
+    copy_ewgs_bounds,
+    estimate_ewgs_deltas,
+    set_ewgs_deltas,
+    ewgs_parameters,
+    ewgs_trace_estimates,
+    get_ewgs_qconfig,
+    update_ewgs_deltas,
+)
+from .fold_tracker import FoldTracker
+from .methods import QAT_METHODS, get_method_qconfig
+from .octav import (
+    OCTAV_CLIPPINGS,
     OCTAV_GRADIENTS,
     OctavFakeQuantize,
     OctavObserver,
-    QAT_METHODS,
-    WeightQuantGrid,
-    bn_fold,
     clipped_quantization_mse,
-    copy_ewgs_bounds,
-    ewgs_parameters,
-    freeze_weight_quantizer,
-    get_ewgs_qconfig,
-    get_method_qconfig,
     get_octav_qconfig,
     octav_clip,
-    update_ewgs_deltas,
+)
+from .precision import END_LAYER_BITS, keep_8bit_ends
+from .weight_levels import (
+    WeightQuantGrid,
+    bn_fold,
+    freeze_weight_quantizer,
     weight_levels,
     weight_quant_grid,
     weight_quantized_modules,
@@ -60,9 +72,12 @@ from .inference import optimize_for_inference
 __all__ = [
     "BACKENDS",
     "DeQuantStub",
+    "END_LAYER_BITS",
     "EWGSFakeQuantize",
+    "EWGSTraceEstimate",
     "FoldTracker",
     "FloatFunctional",
+    "OCTAV_CLIPPINGS",
     "OCTAV_GRADIENTS",
     "OctavFakeQuantize",
     "OctavObserver",
@@ -78,7 +93,10 @@ __all__ = [
     "copy_ewgs_bounds",
     "disable_observer",
     "enable_observer",
+    "estimate_ewgs_deltas",
+    "set_ewgs_deltas",
     "ewgs_parameters",
+    "ewgs_trace_estimates",
     "freeze_bn_stats",
     "freeze_weight_quantizer",
     "fuse_modules",
@@ -90,6 +108,7 @@ __all__ = [
     "int8_state_to_tensors",
     "is_fake_quant_module",
     "is_quantized_model",
+    "keep_8bit_ends",
     "observers_paused",
     "octav_clip",
     "optimize_for_inference",

@@ -11,23 +11,34 @@ SCHEDULES = ("cosine", "step", "poly", "constant")
 #: Fake quantizers of the QAT phase (``--qat-method``); ``ste`` is torch's default, the recipe's original.
 QAT_METHODS = ("ste", "ewgs", "octav")
 OCTAV_GRADIENTS = ("mph", "mad", "pwl", "ste")
+OCTAV_CLIPPINGS = ("octav", "max")
 TR_SCHEDULES = ("cosine", "step", "constant")
+EWGS_BOUND_OPTIMIZERS = ("adam", "main")
+GB_RULES = ("paper", "authors")
 
 #: Defaults of the QAT-method flags. A run that leaves them all at these values trains exactly as
 #: before they existed, and :func:`recorded_args` leaves them out of its checkpoint and run.json.
 METHOD_DEFAULTS: dict[str, Any] = {
     "qat_method": "ste",
     "ewgs_interval": 0,
-    "ewgs_lr": 1e-4,
-    "ewgs_samples": 1,
+    "ewgs_lr": 1e-5,            # EWGS paper Sec. 4.1 / authors' code: Adam at 1e-5 for the bounds
+    "ewgs_bound_opt": "adam",
+    "ewgs_samples": 16,         # 16 vectors x 1 batch: sign agreement measured in docs/methods.md
+    "ewgs_batches": 1,
+    "ewgs_per_quantizer": False,  # the paper's per-quantizer estimate costs one HVP per quantizer
     "octav_gradient": "mph",
     "octav_dynamic": True,
     "octav_calib_batches": 5,
+    "octav_clipping": "octav",
     "talr": False,
-    "tr_target": 0.02,
+    "tr_target": 1.0,           # relative: R_0 = the measured STE rate (docs/methods.md)
+    "tr_relative": True,
+    "tr_calibration_steps": 20,
     "tr_schedule": "cosine",
     "tr_momentum": 0.99,
     "tr_eta": None,
+    "keep_8bit_ends": False,
+    "gb_rule": "paper",
 }
 
 _EPILOG = """\
@@ -121,6 +132,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--freeze-observer-epoch", type=int, default=-1, help="epoch from which quantization ranges are frozen (-1 = never)")
     g.add_argument("--ptq-eval", action="store_true", help="mode fp: also report the accuracy of a post-training-quantized INT8 copy each epoch")
     g.add_argument("--calib-batches", type=int, default=8, help="batches used to calibrate PTQ/other-backend INT8 copies")
+    g.add_argument("--keep-8bit-ends", action="store_true", default=METHOD_DEFAULTS["keep_8bit_ends"],
+                   help="keep the first and last quantized layers at 8 bits while the rest run at --weight-bits/--act-bits "
+                        "(the low-bit papers' protocol)")
     g.add_argument("--int8-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate a converted INT8 copy (CPU) every QAT epoch")
 
@@ -129,6 +143,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--gb-clamp", type=float, default=1e-3, help="gamma2: largest noise magnitude")
     g.add_argument("--gb-noise-decay", type=float, default=1e-2, help="noise scaled by (1 - this) ** boost_step")
     g.add_argument("--gb-coin-toss", action=argparse.BooleanOptionalAction, default=True, help="boost a Bernoulli(1/2) half of the elements")
+    g.add_argument("--gb-rule", default=METHOD_DEFAULTS["gb_rule"], choices=GB_RULES,
+                   help="paper: the paper's equations (signed-gradient spread, clamp then decay); authors: the published "
+                        "code (|g| statistics divided in place, decay then clamp); see docs/methods.md")
     g.add_argument("--gb-fused", action=argparse.BooleanOptionalAction, default=False,
                    help="GradBoost's statistics and noise as one torch.compile kernel (needs a C++ compiler on CPU; "
                         "about a third of the unfused cost); same equations, equal up to rounding")
@@ -140,18 +157,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--ewgs-interval", type=int, default=d["ewgs_interval"],
                    help="EWGS: re-estimate delta every N QAT steps (0 = every epoch); delta = 0 (plain STE) before the first")
     g.add_argument("--ewgs-lr", type=float, default=d["ewgs_lr"],
-                   help="EWGS: peak LR of the interval bounds (own parameter group, no weight decay, same LR schedule)")
-    g.add_argument("--ewgs-samples", type=int, default=d["ewgs_samples"], help="EWGS: Rademacher vectors per Hessian-trace estimate")
+                   help="EWGS: peak LR of the interval bounds (own group, no weight decay, same LR schedule; paper: 1e-5)")
+    g.add_argument("--ewgs-bound-opt", default=d["ewgs_bound_opt"], choices=EWGS_BOUND_OPTIMIZERS,
+                   help="EWGS: optimizer of the interval bounds: adam (their own Adam, the paper's) or main (a group of --opt)")
+    g.add_argument("--ewgs-samples", type=int, default=d["ewgs_samples"],
+                   help="EWGS: Rademacher vectors per batch of each Hessian-trace estimate")
+    g.add_argument("--ewgs-batches", type=int, default=d["ewgs_batches"], help="EWGS: batches per Hessian-trace estimate")
+    g.add_argument("--ewgs-per-quantizer", action=argparse.BooleanOptionalAction, default=d["ewgs_per_quantizer"],
+                   help="EWGS: one Hessian-vector product per quantizer (the paper's estimate) instead of all at once")
     g.add_argument("--octav-gradient", default=d["octav_gradient"], choices=OCTAV_GRADIENTS,
                    help="OCTAV: gradient of clipped values (mph = MAD for weights, PWL for activations)")
     g.add_argument("--octav-dynamic", action=argparse.BooleanOptionalAction, default=d["octav_dynamic"],
                    help="OCTAV: recompute the clipping every step (--no-octav-dynamic = static-OCTAV)")
+    g.add_argument("--octav-clipping", default=d["octav_clipping"], choices=OCTAV_CLIPPINGS,
+                   help="OCTAV: octav (MSE-optimal clipping) or max (max-scaling, the OCTAV paper's baseline)")
     g.add_argument("--octav-calib-batches", type=int, default=d["octav_calib_batches"],
                    help="static OCTAV: QAT batches averaged before the clipping freezes")
     g.add_argument("--talr", action="store_true", default=d["talr"],
                    help="transition-rate scheduling: quantized weights step with a transition-adaptive LR (SGDT/AdamT/AdamWT)")
     g.add_argument("--tr-target", type=float, default=d["tr_target"],
-                   help="TALR: initial target transition rate R_0 (fraction of integer weights changing level per step)")
+                   help="TALR: initial target transition rate R_0 (fraction of integer weights changing level per step; "
+                        "with --tr-relative a fraction of the rate measured over the first --tr-calibration-steps)")
+    g.add_argument("--tr-relative", action=argparse.BooleanOptionalAction, default=d["tr_relative"],
+                   help="TALR: target relative to the plain-STE transition rate measured at the start of QAT "
+                        "(--no-tr-relative: absolute, the recipe's earlier default 0.02)")
+    g.add_argument("--tr-calibration-steps", type=int, default=d["tr_calibration_steps"],
+                   help="TALR --tr-relative: steps at the initial LR that measure the reference rate")
     g.add_argument("--tr-schedule", default=d["tr_schedule"], choices=TR_SCHEDULES,
                    help="TALR: decay of the target over the QAT steps (step: times --decay-rate every --decay-epochs)")
     g.add_argument("--tr-momentum", type=float, default=d["tr_momentum"], help="TALR: momentum m of the running transition rate")

@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 from ..models import get_model_task
 from .args import METHOD_DEFAULTS, method_args
+from .methods import quant_ranges
+from .optimizer import fp_epochs as fp_epochs_of
 
-__all__ = ["MethodConfig", "RunConfig", "check_method_args", "fp_epochs_of", "quant_ranges"]
+__all__ = ["MethodConfig", "RunConfig", "check_method_args"]
 
 QuantRange = Optional[tuple[int, int]]
 
@@ -55,8 +57,9 @@ class MethodConfig:
 def check_method_args(args: argparse.Namespace) -> None:
     """Raise for QAT-method flags that do not apply to this run (naming the flag and the fix)."""
     m = method_args(args)
-    if args.mode == "fp" and (m["qat_method"] != "ste" or m["talr"]):
-        flag = f"--qat-method {m['qat_method']}" if m["qat_method"] != "ste" else "--talr"
+    if args.mode == "fp" and (m["qat_method"] != "ste" or m["talr"] or m["keep_8bit_ends"]):
+        flag = (f"--qat-method {m['qat_method']}" if m["qat_method"] != "ste" else "--talr" if m["talr"]
+                else "--keep-8bit-ends")
         raise ValueError(f"{flag} needs a QAT phase: use --mode qat, qat-finetune, statassist or statassist+gradboost, "
                          "not --mode fp")
     owners = {"ewgs_": ("--qat-method ewgs", m["qat_method"] == "ewgs"),
@@ -68,33 +71,13 @@ def check_method_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"--{key.replace('_', '-')} {value} only applies with {owner}")
     if m["ewgs_interval"] < 0:
         raise ValueError(f"--ewgs-interval must be >= 0 (0 = every epoch), got {m['ewgs_interval']}")
-    for key in ("ewgs_samples", "octav_calib_batches"):
+    if m["gb_rule"] != METHOD_DEFAULTS["gb_rule"] and args.mode != "statassist+gradboost":
+        raise ValueError(f"--gb-rule {m['gb_rule']} only applies with --mode statassist+gradboost, not --mode {args.mode}")
+    for key in ("ewgs_samples", "ewgs_batches", "octav_calib_batches", "tr_calibration_steps"):
         if m[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {m[key]}")
     if not m["ewgs_lr"] >= 0:
         raise ValueError(f"--ewgs-lr must be >= 0, got {m['ewgs_lr']}")
-
-
-def quant_ranges(args: argparse.Namespace) -> tuple[QuantRange, QuantRange]:
-    """``(weight range, activation range)`` of ``--weight-bits``/``--act-bits``; None at 8 bits (the engine's own)."""
-    for name in ("weight_bits", "act_bits"):
-        bits = getattr(args, name)
-        if not 2 <= bits <= 8:
-            raise ValueError(f"--{name.replace('_', '-')} must be in 2..8, got {bits}")
-    w = None if args.weight_bits == 8 else (-(2 ** (args.weight_bits - 1)), 2 ** (args.weight_bits - 1) - 1)
-    a = None if args.act_bits == 8 else (0, 2 ** args.act_bits - 1)
-    return w, a
-
-
-def fp_epochs_of(args: argparse.Namespace) -> int:
-    """Float epochs before the QAT switch: all of them for ``fp``, none for ``qat``/``qat-finetune``."""
-    if args.mode == "fp":
-        return args.epochs  # never switches
-    if args.mode in ("qat", "qat-finetune"):
-        return 0
-    if not 0 <= args.fp_epochs <= args.epochs:
-        raise ValueError(f"--fp-epochs must be in 0..--epochs ({args.epochs}), got {args.fp_epochs}")
-    return args.fp_epochs
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
-import math
 import os
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -34,13 +33,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import quant
 from ..models import get_model, get_model_task
-from ..optim import GradBoost, TransitionRateScheduler
+from ..optim import TransitionRateScheduler
 from ..serialization import load_fp32, read_metadata
 from .args import get_args_parser, method_args, recorded_args
 from .checkpoint import load_checkpoint, previous_path
 from .checkpoint import save_checkpoint as _save_verified_checkpoint
-from .config import RunConfig, check_method_args, fp_epochs_of, quant_ranges
+from .config import RunConfig, check_method_args
 from .data import DataInfo, TensorBatches
+from .methods import end_layers_qconfig, method_qconfig, quant_ranges, refresh_ewgs_deltas
+from .optimizer import EWGS_GROUP, build_optimizer, build_scheduler
 from .resume_check import check_resume_flags, parse_override_flags
 from .rundir import RunDir, open_run_dir
 from .statassist import StatAssist, find_wrapped
@@ -68,72 +69,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             dist.init_process_group(backend)
         return rank, world, device
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-#: Index of the parameter group that receives the EWGS interval bounds at the QAT switch.
-EWGS_GROUP = 2
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: Optional[int] = None) -> torch.optim.Optimizer:
-    """The optimizer of ``--opt``, wrapped for transition-rate scheduling (``--talr``) and then in
-    GradBoost (``statassist+gradboost``).
-
-    Weight decay applies to conv/linear weights only, never to BN parameters or biases. With
-    ``--qat-method ewgs`` a third, empty group (``--ewgs-lr``, no weight decay) is added; the
-    interval bounds join it when the model is prepared for QAT (:class:`StatAssist`).
-
-    Args:
-        model: the float model.
-        args: the recipe flags.
-        steps_per_epoch: needed by ``--talr`` (length of its target schedule).
-    """
-    methods = method_args(args)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    if methods["qat_method"] == "ewgs":
-        groups.append({"params": [], "weight_decay": 0.0, "lr": methods["ewgs_lr"]})
-    if args.opt == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
-    elif args.opt == "adamw":
-        opt = torch.optim.AdamW(groups, lr=args.lr)
-    elif args.opt == "adam":
-        opt = torch.optim.Adam(groups, lr=args.lr)
-    elif args.opt == "rmsprop":
-        opt = torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, eps=args.rmsprop_eps, momentum=args.momentum)
-    else:
-        raise ValueError(f"unknown --opt {args.opt!r}; valid choices: sgd, adamw, adam, rmsprop")
-    if methods["talr"]:
-        if steps_per_epoch is None:
-            raise ValueError("--talr needs steps_per_epoch (the length of the target transition-rate schedule)")
-        qat_steps = max(1, (args.epochs - _fp_epochs(args)) * steps_per_epoch)
-        opt = TransitionRateScheduler(
-            opt, target=methods["tr_target"], schedule=methods["tr_schedule"], total_steps=qat_steps,
-            step_size=max(1, round(args.decay_epochs * steps_per_epoch)), gamma=args.decay_rate,
-            rate_momentum=methods["tr_momentum"], eta=methods["tr_eta"])
-    if args.mode == "statassist+gradboost":
-        opt = GradBoost(opt, decay=args.gb_decay, clamp=args.gb_clamp, noise_decay=args.gb_noise_decay,
-                        coin_toss=args.gb_coin_toss, seed=args.seed, fused=args.gb_fused)
-    return opt
-
-
-def build_scheduler(opt: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LR multiplier for ``--sched`` over the whole run (both phases)."""
-    total = max(1, args.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        t = min(step, total) / total
-        if args.sched == "cosine":
-            return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if args.sched == "step":
-            return args.decay_rate ** math.floor(step / steps_per_epoch / args.decay_epochs)
-        if args.sched == "poly":
-            return (1 - t) ** args.poly_power
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @torch.no_grad()
@@ -166,21 +101,6 @@ def calibration_batches(train_b: Any, n: int, seed: int) -> list[torch.Tensor]:
     return [x for x, _ in zip((b[0] for b in train_b.epoch(0)), range(n))]
 
 
-def method_qconfig(args: argparse.Namespace, backend: str) -> Optional[Any]:
-    """The QConfig of ``--qat-method`` for ``backend``, or None for ``ste`` (the default qconfig)."""
-    m = method_args(args)
-    if m["qat_method"] == "ste":
-        return None
-    wrange, arange = _quant_ranges(args)
-    options: dict[str, Any] = {}
-    if m["qat_method"] == "octav":
-        options = {"gradient": m["octav_gradient"], "dynamic": m["octav_dynamic"], "calib_batches": m["octav_calib_batches"]}
-    return quant.get_method_qconfig(m["qat_method"], backend, weight_quant_range=wrange, act_quant_range=arange, **options)
-
-
-#: kept for the optimizer builders and older callers; the loop reads :class:`RunConfig`
-_fp_epochs = fp_epochs_of
-_quant_ranges = quant_ranges
 
 
 def _check_replicas_in_sync(model: nn.Module, world: int) -> bool:
@@ -262,16 +182,6 @@ def load_backbone(model: nn.Module, path: str, *, verbose: bool = True) -> dict[
     return report
 
 
-def refresh_ewgs_deltas(model: nn.Module, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace, step: int) -> dict[str, float]:
-    """Re-estimate every EWGS delta with the loss ``loss_fn()`` of one batch (EWGS paper, Eq. 10).
-
-    The Rademacher vectors come from a generator seeded by ``--seed`` and the global step, so a
-    resumed run draws the same ones; the model's buffers and the global RNG are left as they were.
-    """
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    return quant.update_ewgs_deltas(model, loss_fn, samples=method_args(args)["ewgs_samples"], generator=gen)
-
-
 #: what a checkpoint must hold to resume a run
 CKPT_KEYS = ("model", "optimizer", "scheduler", "statassist", "epoch", "batch", "global_step", "rng", "args")
 
@@ -332,7 +242,8 @@ class Trainer:
         m = cfg.methods
         self.sa = StatAssist(self.model, self.opt, backend=args.backend, fp_epochs=cfg.fp_epochs,
                              weight_quant_range=cfg.weight_range, act_quant_range=cfg.act_range,
-                             qconfig=method_qconfig(args, args.backend), qparam_group=EWGS_GROUP if m.ewgs else None)
+                             qconfig=method_qconfig(args, args.backend), qparam_group=EWGS_GROUP if m.ewgs else None,
+                             end_qconfig=end_layers_qconfig(args, args.backend))
         self.sched = build_scheduler(self.opt, args, self.steps_per_epoch)
         self.trs = find_wrapped(self.opt, TransitionRateScheduler)
         self.ewgs_every = (m["ewgs_interval"] or self.steps_per_epoch) if m.ewgs else 0
@@ -449,7 +360,11 @@ class Trainer:
             if self.ewgs_every and self.sa.phase == "qat":
                 qat_step = self.global_step - cfg.fp_epochs * self.steps_per_epoch
                 if qat_step > 0 and qat_step % self.ewgs_every == 0:
-                    refresh_ewgs_deltas(self.model, lambda: self.task.loss(self.model, x, y, cfg)[0], args, self.global_step)
+                    # this batch and the next --ewgs-batches - 1 of the epoch (drawn anew: the epoch's stream is untouched)
+                    following = ((xb.to(self.device), _to_device(yb, self.device))
+                                 for xb, yb in self.train_b.epoch(epoch, b + 1))
+                    refresh_ewgs_deltas(self.model, itertools.chain([(x, y)], following), args, self.global_step,
+                                        loss_of=lambda xb, yb: self.task.loss(self.model, xb, yb, cfg)[0])
             loss, sums = self.task.loss(self.ddp_model, x, y, cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, batch {b} (phase {self.sa.phase}); "
@@ -596,7 +511,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def converts_directly(args: argparse.Namespace, trained: str, target: str) -> bool:
     """Whether a QAT run's model, trained fake-quantized for ``trained``, converts as it is for
     ``target``: its activation range fits the target engine's (weights are alike on every engine)."""
-    _, arange = _quant_ranges(args)
+    _, arange = quant_ranges(args)
     return (arange[1] if arange else quant.act_quant_max(trained)) <= quant.act_quant_max(target)
 
 
@@ -616,9 +531,12 @@ def int8_for_backend(model: nn.Module, float_model: nn.Module, sa: StatAssist, b
         return quant.convert(model, backend)
     if sa.phase == "fp":
         return quant.quantize_ptq(float_model, calib, backend)
-    wrange, arange = _quant_ranges(args)
+    wrange, arange = quant_ranges(args)
     m = copy.deepcopy(float_model)
     quant.prepare_qat(m, backend, weight_quant_range=wrange, act_quant_range=arange, qconfig=method_qconfig(args, backend))
+    end_qconfig = end_layers_qconfig(args, backend)
+    if end_qconfig is not None:  # --keep-8bit-ends: the first and last layers as they were trained
+        quant.keep_8bit_ends(m, end_qconfig)
     if sa.phase == "qat" and method_args(args)["qat_method"] == "ewgs":
         quant.copy_ewgs_bounds(model, m)  # the learned intervals, not a new calibration
     m.eval()  # BN uses its running statistics; the fake-quant observers still record ranges

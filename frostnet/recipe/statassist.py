@@ -64,6 +64,9 @@ class StatAssist:
         qparam_group: index of the ``optimizer`` parameter group that receives parameters the
             qconfig's fake quantizers create (EWGS interval bounds); without it such parameters
             are an error, since nothing would train them.
+        end_qconfig: the qconfig of the first and last quantized layers
+            (:func:`frostnet.quant.keep_8bit_ends`, e.g. the method's 8-bit qconfig while
+            ``qconfig`` simulates W4A4); None = every layer uses ``qconfig``.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class StatAssist:
         act_quant_range: Optional[tuple[int, int]] = None,
         qconfig: Optional[Any] = None,
         qparam_group: Optional[int] = None,
+        end_qconfig: Optional[Any] = None,
     ) -> None:
         if not isinstance(fp_epochs, int) or fp_epochs < 0:
             raise ValueError(f"fp_epochs must be a non-negative integer, got {fp_epochs!r}")
@@ -88,7 +92,7 @@ class StatAssist:
                                  f"got {qparam_group!r}")
         self.model, self.optimizer, self.backend, self.fp_epochs = model, optimizer, backend, fp_epochs
         self.weight_quant_range, self.act_quant_range = weight_quant_range, act_quant_range
-        self.qconfig, self.qparam_group = qconfig, qparam_group
+        self.qconfig, self.qparam_group, self.end_qconfig = qconfig, qparam_group, end_qconfig
         self.phase = "fp"
         # The float model's tensors by their unfused names. QAT fusion keeps these very objects
         # (parameters and BN buffers), so they remain a float view of the latent weights.
@@ -110,6 +114,8 @@ class StatAssist:
         before = {id(p) for p in self.model.parameters()}
         quant.prepare_qat(self.model, self.backend, weight_quant_range=self.weight_quant_range,
                           act_quant_range=self.act_quant_range, qconfig=self.qconfig)
+        if self.end_qconfig is not None:
+            quant.keep_8bit_ends(self.model, self.end_qconfig)
         after = list(self.model.parameters())
         if not before <= {id(p) for p in after}:
             # The optimizer would silently keep stepping orphaned tensors.
