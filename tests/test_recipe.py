@@ -208,3 +208,47 @@ def test_qat_models_convert_directly_for_an_engine_whose_range_holds_theirs(bits
     a, b = x86.conv1.conv[0].weight(), qnnpack.conv1.conv[0].weight()
     assert torch.equal(a.int_repr(), b.int_repr()) and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
     assert qnnpack.conv1.conv[0].scale == x86.conv1.conv[0].scale
+
+
+@needs_data
+def test_a_failing_evaluation_loses_no_training_and_the_resume_evaluates_it(tmp_path, monkeypatch):
+    """The epoch is checkpointed before it is evaluated: an evaluation that crashes (a corrupt
+    validation image, an engine error) leaves the trained epoch on disk, and the resumed run
+    evaluates it first, logging the same record an uninterrupted run logs."""
+    from frostnet.recipe import engine
+
+    common = TINY + ["--mode", "fp", "--epochs", "2", "--no-export"]
+    ref = main(get_args_parser().parse_args(common + ["--output-dir", str(tmp_path / "ref")]))
+    real_evaluate = engine.evaluate
+
+    def failing(*args, **kwargs):
+        raise OSError("image file is truncated")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine, "evaluate", failing)
+    with pytest.raises(OSError, match="truncated"):
+        main(get_args_parser().parse_args(common + ["--output-dir", str(out)]))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["pending_eval"]["epoch"] == 0
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    resumed = main(get_args_parser().parse_args(common + ["--output-dir", str(out), "--resume", "auto"]))
+    assert resumed["fp32_top1"] == ref["fp32_top1"]
+    def epochs(d):
+        records = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in records if "epoch" in r]
+
+    assert epochs(out) == epochs(tmp_path / "ref")
+
+
+@needs_data
+def test_exports_carry_the_run_id_that_run_json_records(tmp_path):
+    from frostnet.serialization import read_metadata
+
+    out = tmp_path / "run"
+    final = main(get_args_parser().parse_args(TINY + ["--mode", "qat", "--epochs", "1", "--output-dir", str(out),
+                                                      "--export-backends", "x86"]))
+    run = json.loads((out / "export/run.json").read_text())
+    assert len(run["run_id"]) == 32
+    for path in final["files"].values():
+        assert read_metadata(path)["run_id"] == run["run_id"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["run_id"] == run["run_id"]
