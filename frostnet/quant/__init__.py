@@ -2,7 +2,9 @@
 
 The eager ``torch.ao.quantization`` backend lives in :mod:`frostnet.quant._eager`; the QAT methods
 beside plain fake quantization (EWGS, OCTAV/MAD and the integer weight levels that transition-rate
-scheduling counts, :mod:`frostnet.quant._methods`) build on it. Everything else in frostnet goes
+scheduling counts, :mod:`frostnet.quant._methods`) build on it. Its successors for deployment are
+:mod:`frostnet.quant.pt2e` (torch.export + torchao) and :mod:`frostnet.quant.onnx_export`
+(ONNX + onnxruntime QDQ), whose optional packages are imported when used. Everything else in frostnet goes
 through the names exported here.
 """
 
@@ -56,6 +58,7 @@ from ._methods import (
     weight_quantized_modules,
 )
 from .inference import optimize_for_inference
+from . import onnx_export, pt2e  # torch.export (pt2e) and ONNX successors of the eager path; optional deps load lazily
 
 __all__ = [
     "BACKENDS",
@@ -92,7 +95,9 @@ __all__ = [
     "is_quantized_model",
     "observers_paused",
     "octav_clip",
+    "onnx_export",
     "optimize_for_inference",
+    "pt2e",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
