@@ -21,7 +21,8 @@ to the module that produced it (``nn_module_stack``), whose converted eager coun
 scale and zero point; the range ``[-zp * scale, (qmax - zp) * scale]`` is then re-gridded on the
 pt2e quantizer's own levels (x86 Inductor uses 0..255; frostnet's eager x86 qconfig 0..127).
 
-torchao (and, for ``xnnpack``, executorch) are optional: ``pip install 'frostnet[export]'``.
+torchao is optional (``pip install 'frostnet[export]'``), and so is executorch for ``xnnpack``
+(``pip install executorch``: a large dependency tree, kept out of the extra).
 They are imported when a function here needs them, with an error naming the package otherwise.
 """
 
@@ -60,6 +61,7 @@ _QUANTIZERS: dict[str, tuple[str, str, str]] = {
 }
 PT2E_BACKENDS: tuple[str, ...] = tuple(_QUANTIZERS)
 EXPORT_EXTRA = "pip install 'frostnet[export]'"
+_EXTRA_PACKAGES = ("torchao", "onnx", "onnxscript", "onnxruntime")
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,9 +78,11 @@ def require(module: str, *, package: Optional[str] = None, purpose: str = "INT8 
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        fix = (f"install the export extra: {EXPORT_EXTRA} (or pip install {package})" if package in _EXTRA_PACKAGES
+               # executorch (XNNPACK's quantizer) pulls in a large tree; it stays out of the extra
+               else f"pip install {package}")
         raise ImportError(
-            f"{purpose} needs the optional package {package!r} (module {module!r} could not be imported: {e}); "
-            f"install the export extra: {EXPORT_EXTRA} (or pip install {package})"
+            f"{purpose} needs the optional package {package!r} (module {module!r} could not be imported: {e}); {fix}"
         ) from e
 
 
