@@ -99,7 +99,8 @@ def example_from(batches: Sequence[torch.Tensor]) -> torch.Tensor:
                          f"{[type(b).__name__ for b in batches][:3] or 'nothing'}")
     x = batches[0]
     # torch.export specializes a dimension whose example size is 1, so the example has batch 2.
-    return torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2]
+    # a copy, not a view: a saved archive keeps its sample input, and a view would keep the whole batch
+    return torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2].clone()
 
 
 def export_float(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
@@ -301,14 +302,11 @@ def save_pt2e(model: nn.Module, path: PathLike, example_input: torch.Tensor) -> 
     example = example_from([example_input])
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.pt2")
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the archive's inner folder is named after the file, so the temporary file keeps the final name
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        torch.export.save(program, staged)
+        os.replace(staged, path)
     return path
 
 
