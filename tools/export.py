@@ -139,9 +139,15 @@ def dense_metric(task: str, run: Callable[[torch.Tensor], Any], weights: str) ->
     return None
 
 
+def _flat(out: Any) -> list[torch.Tensor]:
+    """An output structure's tensors in order (onnxruntime returns a dict's values as a tuple)."""
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def _max_difference(a: Any, b: Any) -> float:
-    flat_a = [t for t in (a.values() if isinstance(a, dict) else (a if isinstance(a, (tuple, list)) else (a,)))]
-    flat_b = [t for t in (b.values() if isinstance(b, dict) else (b if isinstance(b, (tuple, list)) else (b,)))]
+    flat_a, flat_b = _flat(a), _flat(b)
     if len(flat_a) != len(flat_b):
         return float("inf")
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(flat_a, flat_b))
@@ -212,12 +218,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g = torch.Generator().manual_seed(0)
         calibration = [torch.randn(2, 3, info["input_size"], info["input_size"], generator=g)
                        for _ in range(args.calib_batches)]
+        if int8_model is None:  # no INT8 file: the eager reference is PTQ with the same calibration
+            import copy
+
+            int8_model = quant.quantize_ptq(copy.deepcopy(float_model), calibration, engine)
         runner, _, _ = build_artifact(args, info, float_model, calibration, int8_model)
         x = calibration[0]
         from frostnet.quant.onnx_export import tensor_body
 
-        with torch.inference_mode():
-            result["max_abs_diff_vs_float"] = _max_difference(runner(x), tensor_body(float_model, info["task"])(x))
+        with torch.inference_mode(), quant.use_engine(engine):
+            out, ref, fp = runner(x), tensor_body(int8_model, info["task"])(x), tensor_body(float_model, info["task"])(x)
+        result["max_abs_diff_vs_eager_int8"] = _max_difference(out, ref)
+        result["max_abs_diff_vs_float"] = _max_difference(out, fp)
+        result["max_abs_float_output"] = max(t.abs().max().item() for t in _flat(fp))
         result["metric"] = dense_metric(info["task"], runner, args.weights)
         return result
 
@@ -246,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     try:
         res = run(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -256,8 +269,10 @@ def main(args: argparse.Namespace) -> int:
               f"eager INT8 ({res['eager_int8_source']}) {res['eager_int8_acc@1']:.2f}% on the same images"
               + (f"; published eager INT8 {res['published_int8_acc@1']:.2f}%" if res.get("published_int8_acc@1") else ""))
     elif "max_abs_diff_vs_float" in res:
-        print(f"{res['output']}: {res['format']} tensor body; max |artifact - float| on random inputs "
-              f"{res['max_abs_diff_vs_float']:.4g}; metric: {res['metric'] or 'not wired (tools/export.py: dense_metric)'}")
+        print(f"{res['output']}: {res['format']} tensor body on random inputs: max |artifact - eager INT8| "
+              f"{res['max_abs_diff_vs_eager_int8']:.4g}, max |artifact - float| {res['max_abs_diff_vs_float']:.4g} "
+              f"(outputs up to {res['max_abs_float_output']:.4g}); metric: "
+              f"{res['metric'] or 'not wired (tools/export.py: dense_metric)'}")
     else:
         print(f"wrote {res['output']}")
     return 0

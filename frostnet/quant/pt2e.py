@@ -165,7 +165,13 @@ def quantize_pt2e(
     utils = require("torchao.quantization.pt2e", package="torchao", purpose="pt2e quantization")
     example = example_from(list(batches))
     quantizer = _quantizer(backend)
-    prepared = qpt2e.prepare_pt2e(export_float(model, example).module(), quantizer)
+    try:
+        prepared = qpt2e.prepare_pt2e(export_float(model, example).module(), quantizer)
+    except Exception as e:  # the quantizer's own annotation errors do not name the model or a way out
+        raise RuntimeError(
+            f"prepare_pt2e with the {backend} quantizer failed on {type(model).__name__}: {e}. Export this model with "
+            "ONNX instead (frostnet.quant.onnx_export / tools/export.py --format onnx)"
+        ) from e
     with torch.no_grad():
         for x in batches:
             prepared(x)
