@@ -154,17 +154,16 @@ def _max_difference(a: Any, b: Any) -> float:
 
 
 def build_artifact(args: argparse.Namespace, info: dict[str, Any], float_model: nn.Module, calibration: list[torch.Tensor],
-                   int8_model: Optional[nn.Module]) -> tuple[Callable[[torch.Tensor], Any], Optional[int], dict[str, Any]]:
-    """Write the artifact, load it back and return (runner, batch size it is specialized to, details)."""
+                   int8_model: Optional[nn.Module]) -> tuple[Callable[[torch.Tensor], Any], Optional[int]]:
+    """Write the artifact, load it back and return (runner, the batch size it is specialized to or None)."""
     from frostnet import quant
     from frostnet.quant import onnx_export, pt2e
 
     body = onnx_export.tensor_body(float_model, info["task"])
     out = Path(args.output)
-    details: dict[str, Any] = {}
     if args.format == "onnx":
         onnx_export.export_onnx(body, out, calibration, int8=True, method=args.onnx_method)
-        return onnx_export.OnnxModule(out, threads=args.threads), None, details
+        return onnx_export.OnnxModule(out, threads=args.threads), None
     if args.format == "pt2e":
         ranges_from = None
         if args.ranges == "qat":
@@ -176,7 +175,7 @@ def build_artifact(args: argparse.Namespace, info: dict[str, Any], float_model: 
                                    ranges_quant_max=quant.act_quant_max(EAGER_ENGINE[args.backend]))
         pt2e.save_pt2e(graph, out, calibration[0])
         loaded = pt2e.load_pt2e(out)
-        return (pt2e.compile_pt2e(loaded) if args.backend == "x86" else loaded), None, details
+        return (pt2e.compile_pt2e(loaded) if args.backend == "x86" else loaded), None
     # torchscript: the eager INT8 model traced and frozen at the evaluation batch size
     if int8_model is None:
         raise ValueError(f"--format torchscript needs eager INT8 weights; {args.weights!r} has none for "
@@ -190,7 +189,7 @@ def build_artifact(args: argparse.Namespace, info: dict[str, Any], float_model: 
     torch.jit.save(traced, str(tmp))
     tmp.replace(out)
     torch.backends.quantized.engine = engine
-    return torch.jit.load(str(out)), example.shape[0], details
+    return torch.jit.load(str(out)), example.shape[0]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,9 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     int8_model = hub.load_weights(int8_name).eval() if int8_name else None
     result: dict[str, Any] = {"weights": args.weights, "format": args.format, "backend": args.backend,
                               "output": str(args.output), "calib_batches": args.calib_batches}
-    if info["task"] != "classification":
-        import frostnet.models  # dense weights are not built from the fashion_mnist pipeline
-
+    if info["task"] != "classification":  # no dataset pipeline for dense weights here: random inputs
         g = torch.Generator().manual_seed(0)
         calibration = [torch.randn(2, 3, info["input_size"], info["input_size"], generator=g)
                        for _ in range(args.calib_batches)]
@@ -222,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import copy
 
             int8_model = quant.quantize_ptq(copy.deepcopy(float_model), calibration, engine)
-        runner, _, _ = build_artifact(args, info, float_model, calibration, int8_model)
+        runner, _ = build_artifact(args, info, float_model, calibration, int8_model)
         x = calibration[0]
         from frostnet.quant.onnx_export import tensor_body
 
@@ -243,8 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         result["eager_int8_source"] = int8_name
     t0 = time.perf_counter()
-    runner, pad_to, details = build_artifact(args, info, float_model, calibration, int8_model)
-    result.update(details)
+    runner, pad_to = build_artifact(args, info, float_model, calibration, int8_model)
     result["export_s"] = round(time.perf_counter() - t0, 1)
     if args.no_eval:
         return result

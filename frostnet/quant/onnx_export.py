@@ -26,13 +26,15 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from .pt2e import dynamic_batch, example_from, quantize_pt2e, require
+
+if TYPE_CHECKING:  # numpy comes with onnxruntime; frostnet.quant imports this module without it
+    import numpy as np
 
 __all__ = ["ONNX_METHODS", "OnnxModule", "export_onnx", "quantize_onnx", "tensor_body"]
 
