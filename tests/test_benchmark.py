@@ -311,3 +311,32 @@ def test_targets_report_shortfalls_and_plot_is_optional(tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert bench.write_plot(data, tmp_path / "b.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "b.png").exists()
+
+
+def test_export_paths_plan_x86_only_and_no_fp32_pt2e():
+    target = bench.Target("frostnet_small_1_0", "registry", "frostnet_small_1_0", "classification", (3, 224, 224))
+    configs = bench.plan([target], formats=bench.FORMATS, paths=list(bench.ALL_PATHS), batch_sizes=[1], threads=[1],
+                         engines=BACKENDS)
+    combos = {(c.format, c.engine, c.path) for c in configs}
+    assert ("fp32", None, "onnxruntime") in combos and ("fp32", None, "pt2e") not in combos
+    assert {("int8", "x86", "pt2e"), ("int8", "x86", "onnxruntime")} <= combos
+    assert not {("int8", "qnnpack", p) for p in bench.EXPORT_PATHS} & combos  # they do not use the eager engine
+    assert {("int8", "qnnpack", p) for p in bench.PATHS} <= combos
+
+
+def test_fastest_int8_path_targets_over_every_path():
+    models = ["frostnet_small_1_0", bench.TARGET_PEER]
+    data = _synthetic(models, {
+        ("frostnet_small_1_0", "fp32", None, "eager"): 20.0, ("frostnet_small_1_0", "int8", "x86", "optimized"): 7.0,
+        ("frostnet_small_1_0", "int8", "x86", "onnxruntime"): 3.0, ("frostnet_small_1_0", "int8", "qnnpack", "eager"): 1.0,
+        (bench.TARGET_PEER, "fp32", None, "eager"): 15.0, (bench.TARGET_PEER, "int8", "x86", "pt2e"): 4.0,
+        (bench.TARGET_PEER, "int8", "x86", "optimized"): 7.5,
+    })
+    by_target = {c["target"]: c for c in data["targets"]}
+    fastest = by_target["frostnet_small_1_0 fastest INT8 path vs FP32 eager latency reduction >= 80%"]
+    assert fastest["measured"] == pytest.approx(1 - 3.0 / 20.0) and fastest["met"]  # x86 only: not the qnnpack row
+    assert "onnxruntime" in fastest["shown"]
+    ratio = by_target[f"frostnet_small_1_0 fastest INT8 path <= 0.9x {bench.TARGET_PEER}'s fastest INT8 path"]
+    assert ratio["measured"] == pytest.approx(3.0 / 4.0) and ratio["met"] and "pt2e" in ratio["shown"]
+    md = bench.markdown(data)
+    assert "INT8 x86 ORT" in md and "INT8 x86 pt2e+compile" in md and "| 3.00 |" in md

@@ -33,7 +33,12 @@ after is recorded in the JSON).
   files and add accuracy vs INT8 latency to the plot.
 - Paths: ``eager`` (the ``nn.Module``) and ``optimized``
   (:func:`frostnet.quant.optimize_for_inference`: TorchScript trace + freeze, checked equal to the
-  eager model). Detectors are timed on their network (``model.body``, INT8 up to the FP32 last
+  eager model); with ``--paths ... pt2e onnxruntime`` also the export paths
+  (:mod:`frostnet.quant.pt2e` quantized and ``torch.compile``d with freezing, INT8 only; and
+  :mod:`frostnet.quant.onnx_export` run by onnxruntime with ``threads`` intra-op threads, FP32 and
+  INT8 QDQ), timed as ``x86`` configurations, e.g.
+  ``python tools/benchmark.py --models frostnet_small_1_0 --models tv:mobilenet_v3_large --weights ''
+  --threads 1 --batch-sizes 1 --engines x86 --paths eager optimized pt2e onnxruntime``. Detectors are timed on their network (``model.body``, INT8 up to the FP32 last
   layers); prior decoding and NMS run in FP32 outside it and are the same for FP32 and INT8.
 - Reduction rate: ``1 - INT8 latency / FP32 latency``. The headline (and the FrostNet paper's
   comparison) is INT8 optimized vs FP32 eager; the JSON also has the same-path rates.
@@ -93,6 +98,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
 DEFAULT_MODELS: tuple[str, ...] = ("@default",)
 FORMATS: tuple[str, ...] = ("fp32", "int8")
 PATHS: tuple[str, ...] = ("eager", "optimized")
+#: Deployment paths beyond the eager API (``--paths``; need ``pip install -e ".[export]"``):
+#: ``pt2e`` = torch.export + torchao's X86InductorQuantizer + torch.compile with freezing (INT8
+#: only), ``onnxruntime`` = dynamo ONNX export run by onnxruntime (FP32, and INT8 as static QDQ).
+#: Neither uses the eager quantized engine: they run as the ``x86`` engine's configurations.
+EXPORT_PATHS: tuple[str, ...] = ("pt2e", "onnxruntime")
+ALL_PATHS: tuple[str, ...] = PATHS + EXPORT_PATHS
+#: The export issue's targets: FrostNet-Small 1.0's fastest INT8 path (any path) vs its FP32
+#: eager latency, and vs MobileNetV3-Large's fastest INT8 path (1 thread, batch 1).
+TARGET_FASTEST_REDUCTION = 0.80
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack")
 MIN_RUNS = 30
 #: The issue's targets: INT8 (optimized) vs FP32 (eager) reduction of the FrostNets at 1 thread on
@@ -243,6 +257,10 @@ def plan(targets: Sequence[Target], *, formats: Sequence[str], paths: Sequence[s
                 if fmt == "int8" and t.source == "weights" and engine not in t.int8_weights:
                     continue
                 for path in paths:
+                    if path == "pt2e" and fmt == "fp32":
+                        continue  # pt2e is a quantization flow: FP32 is timed on the other paths
+                    if path in EXPORT_PATHS and fmt == "int8" and engine != "x86":
+                        continue  # x86 quantizer / onnxruntime's CPU kernels: not per eager engine
                     for b in sizes:
                         for n in threads:
                             configs.append(Config(t.key, fmt, path, b, n, engine))
@@ -290,19 +308,32 @@ def _build_int8(target: Target, engine: str, manifest: Optional[str], float_mode
 def _network(model, task: str):
     """What is timed: the model, or a detector's tensor network (priors, decoding and NMS are FP32
     outside it), with its per-level ``(loc, conf)`` pairs flattened into one tuple for tracing."""
-    if task != "detection" or not hasattr(model, "body"):
-        return model
-    from torch import nn
+    from frostnet.quant.onnx_export import tensor_body
 
-    class DetectorBody(nn.Module):
-        def __init__(self, body: nn.Module) -> None:
-            super().__init__()
-            self.body = body
+    return tensor_body(model, task) if task != "detection" or hasattr(model, "body") else model
 
-        def forward(self, x):
-            return tuple(t for level in self.body(x) for t in level)
 
-    return DetectorBody(model.body).eval()
+def _export_runner(target: Target, cfg: Config, manifest: Optional[str], x):
+    """The runner of an export path: the float model quantized by pt2e and compiled, or exported to
+    ONNX (INT8 QDQ or FP32) and run by onnxruntime; calibrated on one random batch like the eager
+    configurations (latency does not depend on calibration)."""
+    import tempfile
+
+    import torch
+
+    from frostnet.quant import onnx_export, pt2e
+
+    body = _network(_build_float(target, manifest), target.task)
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(2, *target.input_size, generator=g)]
+    if cfg.path == "pt2e":
+        runner = pt2e.compile_pt2e(pt2e.quantize_pt2e(body, calibration, backend="x86"))
+        with torch.inference_mode():
+            runner(x)  # the first call compiles: part of the preparation, not of the warm-up
+        return runner
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx_export.export_onnx(body, Path(tmp) / "model.onnx", calibration, int8=cfg.format == "int8")
+        return onnx_export.OnnxModule(path, threads=cfg.threads)
 
 
 def _vm_hwm_mb() -> Optional[float]:
@@ -378,15 +409,19 @@ def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
 
     baseline = _rss_mb()
     manifest = spec.get("manifest")
-    if cfg.format == "int8":
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(cfg.batch, *target.input_size, generator=g)
+    t0 = time.perf_counter()
+    if cfg.path in EXPORT_PATHS:
+        model = runner = _export_runner(target, cfg, manifest, x)
+    elif cfg.format == "int8":
         torch.backends.quantized.engine = cfg.engine
         model = _build_int8(target, cfg.engine, manifest)
     else:
         model = _build_float(target, manifest)
-    runner = _network(model, target.task)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(cfg.batch, *target.input_size, generator=g)
-    t0 = time.perf_counter()
+    if cfg.path not in EXPORT_PATHS:
+        runner = _network(model, target.task)
+        t0 = time.perf_counter()
     if cfg.path == "optimized":
         from frostnet.quant import optimize_for_inference
 
@@ -411,7 +446,7 @@ def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": round(max(build_peak, run_peak), 1),
         "run_peak_rss_mb": round(run_peak, 1) if reset else None,
         "baseline_rss_mb": None if baseline is None else round(baseline, 1),
-        "optimize_s": round(prepare_s, 2) if cfg.path == "optimized" else None,
+        "optimize_s": round(prepare_s, 2) if cfg.path in ("optimized",) + EXPORT_PATHS else None,
         "torch_threads": torch.get_num_threads(),
     }
     if spec.get("profile"):
@@ -602,6 +637,43 @@ def target_checks(results: Sequence[dict[str, Any]], red: Sequence[dict[str, Any
             "met": ratio <= TARGET_RATIO,
             "shortfall": None if ratio <= TARGET_RATIO else f"{100 * (ratio / TARGET_RATIO - 1):.1f}% slower than the target",
         })
+    if any(r["path"] in EXPORT_PATHS for r in results):
+        checks += fastest_path_checks(results)
+    return checks
+
+
+def fastest(results: Sequence[dict[str, Any]], model: str, fmt: str = "int8") -> Optional[dict[str, Any]]:
+    """The fastest measured configuration of ``model`` in ``fmt`` at 1 thread, batch 1 (INT8: x86),
+    over every path."""
+    rows = [r for r in results if r["model"] == model and r["format"] == fmt and r["batch"] == 1 and r["threads"] == 1
+            and (fmt == "fp32" or r["engine"] == "x86") and "median_ms" in r]
+    return min(rows, key=lambda r: r["median_ms"], default=None)
+
+
+def fastest_path_checks(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The export issue's targets: FrostNet-Small 1.0's fastest INT8 path vs its FP32 eager latency
+    and vs MobileNetV3-Large's fastest INT8 path (1 thread, batch 1)."""
+    checks = []
+    ours, fp_eager = fastest(results, "frostnet_small_1_0"), _find(results, model="frostnet_small_1_0", format="fp32",
+                                                                      path="eager", batch=1, threads=1)
+    if ours is not None and fp_eager is not None:
+        value = 1 - ours["median_ms"] / fp_eager["median_ms"]
+        checks.append({
+            "target": f"frostnet_small_1_0 fastest INT8 path vs FP32 eager latency reduction >= {TARGET_FASTEST_REDUCTION:.0%}",
+            "measured": value, "paper": PAPER_REDUCTION, "met": value >= TARGET_FASTEST_REDUCTION,
+            "shown": f"{value:.1%} ({fp_eager['median_ms']:.2f} -> {ours['median_ms']:.2f} ms, {ours['path']})",
+            "shortfall": None if value >= TARGET_FASTEST_REDUCTION
+            else f"{100 * (TARGET_FASTEST_REDUCTION - value):.1f} percentage points short",
+        })
+    peer = fastest(results, TARGET_PEER)
+    if ours is not None and peer is not None:
+        ratio = ours["median_ms"] / peer["median_ms"]
+        checks.append({
+            "target": f"frostnet_small_1_0 fastest INT8 path <= {TARGET_RATIO}x {TARGET_PEER}'s fastest INT8 path",
+            "measured": ratio, "paper": PAPER_RATIO, "met": ratio <= TARGET_RATIO,
+            "shown": f"{ratio:.2f}x ({ours['median_ms']:.2f} ms {ours['path']} vs {peer['median_ms']:.2f} ms {peer['path']})",
+            "shortfall": None if ratio <= TARGET_RATIO else f"{100 * (ratio / TARGET_RATIO - 1):.1f}% slower than the target",
+        })
     return checks
 
 
@@ -646,6 +718,14 @@ def _first_batch(results: Sequence[dict[str, Any]], model: str) -> Optional[int]
     return min((r["batch"] for r in results if r["model"] == model), default=None)
 
 
+PATH_LABELS = {"eager": "eager", "optimized": "opt.", "pt2e": "pt2e+compile", "onnxruntime": "ORT"}
+
+
+def _paths(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The paths measured, in :data:`ALL_PATHS` order (eager and optimized always: the headline)."""
+    return [p for p in ALL_PATHS if p in PATHS or any(r["path"] == p for r in results)]
+
+
 def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
     """The tables (and the plot, if ``image`` is given) as markdown."""
     s, m = data["settings"], data["machine"]
@@ -654,6 +734,7 @@ def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
     b_all = {_first_batch(results, t["key"]) for t in models} - {None}
     b_text = f"batch {next(iter(b_all))}" if len(b_all) == 1 else "the smallest batch size measured (input column)"
     engines = [e for e in s["engines"] if any(r.get("engine") == e for r in results)]
+    paths = _paths(results)
     lines = []
     if data.get("quick"):
         lines += ["> **Smoke run (`--quick`): a few runs, not a measurement.**", ""]
@@ -666,7 +747,10 @@ def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
         f"{data['load_after']}. Random weights{published}; "
         "every model quantized by its own `fuse_model` + PTQ with frostnet's qconfig. `optimized` = "
         "`frostnet.quant.optimize_for_inference` (TorchScript trace + freeze); reduction = 1 - INT8 optimized / "
-        "FP32 eager latency.",
+        "FP32 eager latency."
+        + (" `pt2e+compile` = `frostnet.quant.pt2e` (torch.export, torchao X86InductorQuantizer, torch.compile with "
+           "freezing); `ORT` = `frostnet.quant.onnx_export` in onnxruntime (INT8: static QDQ)."
+           if any(r["path"] in EXPORT_PATHS for r in results) else ""),
         "",
     ]
     if image:
@@ -681,9 +765,11 @@ def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
     head = ["model", "input", "params", "MACs", "FP32 size"]
     for e in engines:
         head.append(f"INT8 size ({e})")
-    head += ["FP32 eager", "FP32 opt."]
+    fp32_paths = [p for p in paths if any(r["path"] == p and r["format"] == "fp32" for r in results)]
+    head += [f"FP32 {PATH_LABELS[p]}" for p in fp32_paths]
+    int8_paths = {e: [p for p in paths if any(r["path"] == p and r.get("engine") == e for r in results)] for e in engines}
     for e in engines:
-        head += [f"INT8 {e} eager", f"INT8 {e} opt.", f"reduction {e}"]
+        head += [f"INT8 {e} {PATH_LABELS[p]}" for p in int8_paths[e]] + [f"reduction {e}"]
     head.append("peak RSS INT8 opt. (+ over libraries)")
     lines += [f"Latency in ms per batch, {b_text}, {t0} thread{'s' if t0 > 1 else ''}:", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -697,10 +783,10 @@ def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
                _mb(st.get("fp32_file_bytes", st.get("fp32_bytes")))]
         int8_sizes = st.get("int8_file_bytes") or st.get("int8_bytes") or {}
         row += [_mb(int8_sizes.get(e)) for e in engines]
-        row += [_ms(_find(results, **k, format="fp32", path=p)) for p in PATHS]
+        row += [_ms(_find(results, **k, format="fp32", path=p)) for p in fp32_paths]
         peak = None
         for e in engines:
-            row += [_ms(_find(results, **k, format="int8", engine=e, path=p)) for p in PATHS]
+            row += [_ms(_find(results, **k, format="int8", engine=e, path=p)) for p in int8_paths[e]]
             rr = next((r for r in red if r["model"] == t["key"] and r["engine"] == e and r["path"] == "optimized"
                        and r["batch"] == b0 and r["threads"] == t0), None)
             row.append(_pct(rr["reduction_vs_fp32_eager"]) if rr else "-")
@@ -727,7 +813,7 @@ def markdown(data: dict[str, Any], *, image: Optional[str] = None) -> str:
     for t in models:
         for fmt in FORMATS:
             for e in (engines if fmt == "int8" else [None]):
-                for p in PATHS:
+                for p in paths:
                     cells = [_find(results, model=t["key"], format=fmt, engine=e, path=p, batch=b, threads=n)
                              or next((r for r in results if r["model"] == t["key"] and r["format"] == fmt
                                       and r["engine"] == e and r["path"] == p and r["batch"] == b
@@ -913,8 +999,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2 (--quick: 1)")
     parser.add_argument("--engines", nargs="+", default=["x86", "qnnpack"], choices=ENGINES, help="INT8 engines")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
-                        help="eager nn.Module and/or optimize_for_inference (trace + freeze)")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=ALL_PATHS,
+                        help="eager nn.Module and/or optimize_for_inference (trace + freeze); pt2e (torch.export + "
+                             "torchao + torch.compile, INT8) and onnxruntime (FP32 and INT8 QDQ) need the [export] extra")
     parser.add_argument("--runs", type=int, default=None, help=f"timed runs per configuration (>= {MIN_RUNS}; default "
                                                                 f"{MIN_RUNS}, --quick: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10, --quick: 1)")

@@ -5,7 +5,9 @@ beside plain fake quantization build on it, one module per method so that each s
 paper: :mod:`~frostnet.quant.ewgs`, :mod:`~frostnet.quant.octav`, the per-method qconfig
 (:mod:`~frostnet.quant.methods`), 8-bit first/last layers (:mod:`~frostnet.quant.precision`), the
 integer weight levels that transition-rate scheduling counts (:mod:`~frostnet.quant.weight_levels`)
-and :mod:`~frostnet.quant.fold_tracker`. Everything else in frostnet goes
+and :mod:`~frostnet.quant.fold_tracker`. Its successors for deployment are
+:mod:`frostnet.quant.pt2e` (torch.export + torchao) and :mod:`frostnet.quant.onnx_export`
+(ONNX + onnxruntime QDQ), whose optional packages are imported when used. Everything else in frostnet goes
 through the names exported here.
 """
 
@@ -68,6 +70,7 @@ from .weight_levels import (
     weight_quantized_modules,
 )
 from .inference import optimize_for_inference
+from . import onnx_export, pt2e  # torch.export (pt2e) and ONNX successors of the eager path; optional deps load lazily
 
 __all__ = [
     "BACKENDS",
@@ -111,7 +114,9 @@ __all__ = [
     "keep_8bit_ends",
     "observers_paused",
     "octav_clip",
+    "onnx_export",
     "optimize_for_inference",
+    "pt2e",
     "prepare_ptq",
     "prepare_qat",
     "quantize_ptq",
