@@ -21,7 +21,8 @@ and the manifest's published figure.
   the eager INT8 weights) instead of calibrating them.
 - ``torchscript``: the eager INT8 model, traced and frozen (``frostnet.quant.optimize_for_inference``).
 
-Calibration: ``--calib-batches`` unaugmented training batches of 128 images (default 8, seeded).
+Calibration: ``--calib-batches`` unaugmented training batches of 128 images (default 8, seeded);
+for dense models batches of 32 images (a scene canvas holds 16 Fashion-MNIST frames' pixels).
 Dense models (segmentation, detection) export their tensor body (priors/NMS stay in Python); the
 tool checks the artifact's outputs against the float model's, and their metric goes through
 :func:`dense_metric` (see there).
@@ -102,7 +103,8 @@ def describe_weights(weights: str) -> dict[str, Any]:
         import frostnet.models
 
         arch = meta.get("arch", "")
-        return {"arch": arch, "task": frostnet.models.get_model_task(arch), "dataset": meta.get("dataset", "fashion_mnist"),
+        return {"arch": arch, "task": frostnet.models.get_model_task(arch),
+                "dataset": meta.get("data") or meta.get("dataset", "fashion_mnist"),
                 "input_size": int(meta.get("input_size", 32)), "fp32": weights if meta.get("format") == "frostnet-fp32" else None,
                 "int8": {meta["backend"]: weights} if meta.get("format") == "frostnet-int8" and meta.get("backend") else {},
                 "published": {}}
@@ -128,15 +130,55 @@ def top1(run: Callable[[torch.Tensor], torch.Tensor], batches: Any, pad_to: Opti
     return 100.0 * correct / max(1, total), total
 
 
-def dense_metric(task: str, run: Callable[[torch.Tensor], Any], weights: str) -> Optional[dict[str, float]]:
-    """Hook for the dense evaluation (mAP for detection, mIoU for segmentation) of an exported body.
+#: calibration batch of dense models (their images are 128x128 scenes, not 32x32 items)
+DENSE_CALIB_BATCH = 32
 
-    Not wired yet: frostnet's dense evaluation (the decoding/NMS + COCO-style mAP and mIoU on the
-    model's dataset) is being built separately; when it lands, call it here with ``run`` (the
-    artifact's tensor body) and return its metrics. Until then the tool checks the outputs against
-    the float model and prints no metric.
+
+class _LevelPairs(nn.Module):
+    """Turns an artifact's flat ``(loc0, conf0, loc1, conf1, ...)`` back into the per-level pairs a
+    detector's ``body`` returns, so the detector's own priors, decoding and NMS run on it."""
+
+    def __init__(self, run: Callable[[torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        flat = _flat(self.run(x))
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def dense_metric(task: str, run: Callable[[torch.Tensor], Any], float_model: nn.Module, batches: Any,
+                 num_classes: int) -> dict[str, float]:
+    """mAP (detection) or mIoU and pixel accuracy (segmentation) of an exported tensor body over
+    ``batches``, measured by the recipe's metrics.
+
+    A detector's artifact holds its tensor network only: the float detector lends its priors,
+    box decoding and NMS (:class:`_LevelPairs`), as the eager INT8 model does.
     """
-    return None
+    import copy
+
+    from frostnet.recipe.engine import evaluate
+    from frostnet.recipe.tasks import get_task
+
+    if task == "detection":
+        model = copy.deepcopy(float_model).eval()
+        model.body = _LevelPairs(run)
+    else:
+        class _Outputs(nn.Module):  # the artifact returns the logits ({"out": ...} or the tensor)
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return _flat(run(x))[0]
+
+        model = _Outputs()
+    t = get_task(task)
+    res = evaluate(model, batches, task=t, info=_Info(num_classes))
+    return {k: round(float(res[k]), 4) for k in t.report_keys}
+
+
+class _Info:
+    """The part of a DataInfo the evaluation reads (the number of classes)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.categories = [""] * num_classes
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -211,10 +253,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     int8_model = hub.load_weights(int8_name).eval() if int8_name else None
     result: dict[str, Any] = {"weights": args.weights, "format": args.format, "backend": args.backend,
                               "output": str(args.output), "calib_batches": args.calib_batches}
-    if info["task"] != "classification":  # no dataset pipeline for dense weights here: random inputs
-        g = torch.Generator().manual_seed(0)
-        calibration = [torch.randn(2, 3, info["input_size"], info["input_size"], generator=g)
-                       for _ in range(args.calib_batches)]
+    if info["task"] != "classification":  # the weights' own scene data: calibration and the metric
+        from frostnet.recipe.dense_data import build_dense_data
+
+        train_b, eval_b, data_info = build_dense_data(info["dataset"], task=info["task"], input_size=info["input_size"],
+                                                      batch_size=DENSE_CALIB_BATCH, seed=0, eval_split="test",
+                                                      eval_subset=args.subset)
+        calibration = calibration_batches(train_b, args.calib_batches, seed=0)
         if int8_model is None:  # no INT8 file: the eager reference is PTQ with the same calibration
             import copy
 
@@ -228,7 +273,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["max_abs_diff_vs_eager_int8"] = _max_difference(out, ref)
         result["max_abs_diff_vs_float"] = _max_difference(out, fp)
         result["max_abs_float_output"] = max(t.abs().max().item() for t in _flat(fp))
-        result["metric"] = dense_metric(info["task"], runner, args.weights)
+        num_classes = len(data_info.categories)
+        with quant.use_engine(engine):
+            result["metric"] = dense_metric(info["task"], runner, float_model, eval_b, num_classes)
+            result["eager_int8_metric"] = dense_metric(info["task"], tensor_body(int8_model, info["task"]), float_model,
+                                                       eval_b, num_classes)
         return result
 
     train_b, eval_b, _ = build_data(info["dataset"], input_size=info["input_size"], batch_size=CALIB_BATCH, seed=0,
@@ -265,10 +314,10 @@ def main(args: argparse.Namespace) -> int:
               f"eager INT8 ({res['eager_int8_source']}) {res['eager_int8_acc@1']:.2f}% on the same images"
               + (f"; published eager INT8 {res['published_int8_acc@1']:.2f}%" if res.get("published_int8_acc@1") else ""))
     elif "max_abs_diff_vs_float" in res:
-        print(f"{res['output']}: {res['format']} tensor body on random inputs: max |artifact - eager INT8| "
+        print(f"{res['output']}: {res['format']} tensor body on a calibration batch: max |artifact - eager INT8| "
               f"{res['max_abs_diff_vs_eager_int8']:.4g}, max |artifact - float| {res['max_abs_diff_vs_float']:.4g} "
               f"(outputs up to {res['max_abs_float_output']:.4g}); metric: "
-              f"{res['metric'] or 'not wired (tools/export.py: dense_metric)'}")
+              f"{res['metric']} (eager INT8: {res['eager_int8_metric']})")
     else:
         print(f"wrote {res['output']}")
     return 0
