@@ -60,3 +60,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torchrun():
+    """``torchrun(script_args, timeout)``: run ``tools/train.py`` in 2 local processes (gloo, one
+    thread each) on a free loopback port; returns the completed process."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(args: list, timeout: int = 900) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), str(root / "tools/train.py"), *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              timeout=timeout)
+
+    return run

@@ -1,8 +1,6 @@
 """The training recipe: StatAssist carry-over, kill-and-resume, DDP agreement, the CLI."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -144,16 +142,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
 
 @needs_data
-def test_ddp_two_processes_stay_bitwise_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), str(ROOT / "tools/train.py"), *TINY, "--mode", "statassist+gradboost",
-           "--epochs", "2", "--no-export", "--no-int8-eval", "--export-backends", "x86", "--threads", "1",
-           "--output-dir", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+def test_ddp_two_processes_stay_bitwise_identical(tmp_path, torchrun):
+    proc = torchrun([*TINY, "--mode", "statassist+gradboost", "--epochs", "2", "--no-export", "--no-int8-eval",
+                     "--export-backends", "x86", "--threads", "1", "--output-dir", tmp_path / "ddp"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert [l.get("replicas_in_sync") for l in lines[:2]] == [True, True]

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import RunConfig
 from ..data import DataInfo
 
-__all__ = ["Task"]
+__all__ = ["DenseTask", "Task"]
 
 #: (train batches, eval batches, data description); batches have ``__len__`` and ``epoch(e, start_batch)``.
 DataTriple = tuple[Any, Any, DataInfo]
@@ -69,3 +69,15 @@ class Task(ABC):
     def report(self, prefix: str, result: dict[str, Any]) -> dict[str, float]:
         """``{prefix_key: value}`` for the task's report keys of a metric result."""
         return {f"{prefix}_{k}": result[k] for k in self.report_keys if k in result}
+
+
+class DenseTask(Task):
+    """A task whose data comes from :func:`~frostnet.recipe.dense_data.build_dense_data`."""
+
+    def build_data(self, cfg: RunConfig, *, rank: int, world: int, eval_split: Optional[str] = None) -> DataTriple:
+        from ..dense_data import build_dense_data
+
+        a = cfg.args
+        return build_dense_data(a.data, task=self.name, input_size=a.input_size, batch_size=a.batch_size, seed=a.seed,
+                                rank=rank, world=world, train_subset=a.train_subset, val_size=a.val_size,
+                                eval_subset=a.eval_subset, workers=a.workers, eval_split=eval_split)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...metrics import DetectionMetric
 from ..config import RunConfig
-from ..dense_data import build_dense_data
-from .base import DataTriple, Task
+from .base import DenseTask
 
 __all__ = ["DetectionTask"]
 
 
-class DetectionTask(Task):
+class DetectionTask(DenseTask):
     """``--data fashion_scenes[:opts]``, ``voc:<root>`` or ``coco:<images>,<annotations>``.
 
     The detectors compute their loss themselves (``model(images, targets)`` in train mode, as in
@@ -24,12 +23,6 @@ class DetectionTask(Task):
 
     name = "detection"
     report_keys = ("map", "map_50", "map_75")
-
-    def build_data(self, cfg: RunConfig, *, rank: int, world: int, eval_split: Optional[str] = None) -> DataTriple:
-        a = cfg.args
-        return build_dense_data(a.data, task=self.name, input_size=a.input_size, batch_size=a.batch_size, seed=a.seed,
-                                rank=rank, world=world, train_subset=a.train_subset, val_size=a.val_size,
-                                eval_subset=a.eval_subset, workers=a.workers, eval_split=eval_split)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: Any, cfg: RunConfig) -> tuple[torch.Tensor, dict[str, float]]:
         terms = model(x, y)

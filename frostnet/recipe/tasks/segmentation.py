@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,7 @@ from torch import nn
 
 from ...metrics import SegmentationMetric
 from ..config import RunConfig
-from ..dense_data import build_dense_data
-from .base import DataTriple, Task
+from .base import DenseTask
 
 __all__ = ["SegmentationTask", "IGNORE_INDEX"]
 
@@ -24,17 +23,11 @@ def _logits(out: Any) -> torch.Tensor:
     return out["out"] if isinstance(out, dict) else out
 
 
-class SegmentationTask(Task):
+class SegmentationTask(DenseTask):
     """``--data fashion_scenes[:opts]``, ``voc:<root>`` or ``cityscapes:<root>``."""
 
     name = "segmentation"
     report_keys = ("miou", "pixel_acc")
-
-    def build_data(self, cfg: RunConfig, *, rank: int, world: int, eval_split: Optional[str] = None) -> DataTriple:
-        a = cfg.args
-        return build_dense_data(a.data, task=self.name, input_size=a.input_size, batch_size=a.batch_size, seed=a.seed,
-                                rank=rank, world=world, train_subset=a.train_subset, val_size=a.val_size,
-                                eval_subset=a.eval_subset, workers=a.workers, eval_split=eval_split)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: Any, cfg: RunConfig) -> tuple[torch.Tensor, dict[str, float]]:
         logits = _logits(model(x))
