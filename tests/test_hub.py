@@ -612,7 +612,16 @@ def dense_zoo(tmp_path_factory):
     out = {"weights": weights, "manifest": manifest, "x": x, "ref": {}}
     for task, arch in DENSE.items():
         torch.manual_seed(0)
-        model = frostnet.get_model(arch, num_classes=5).eval()
+        model = frostnet.get_model(arch, num_classes=5)
+        # BN statistics of real inputs, as any trained model has: with the initial ones (mean 0,
+        # var 1) a deep random network's activations grow to scales the INT8 loader refuses
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None  # cumulative average
+        with torch.no_grad():
+            for i in range(4):  # a detector's tensor network (its training forward needs targets)
+                getattr(model, "body", model)(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(10 + i)))
+        model.eval()
         fp32 = weights / f"{arch}.{DENSE_TAG}.fp32.safetensors"
         save_fp32(model, fp32, arch=arch, num_classes=5)
         int8 = quant.quantize_ptq(model, [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))], "x86")
