@@ -485,7 +485,19 @@ def _to_device(y: Any, device: torch.device) -> Any:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk."""
+    """Train as ``args`` says; returns the final metrics (rank 0) and writes everything to disk.
+
+    ``--threads`` holds for the run only: the caller's intra-op thread count is restored after it
+    (results depend on it through the order of float reductions).
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(RunConfig.from_args(args))
     trainer.resume()
     if trainer.pending_eval is not None:  # killed while evaluating: the epoch trained, its figures are missing
