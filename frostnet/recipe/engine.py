@@ -276,9 +276,10 @@ class Trainer:
     def resume(self) -> None:
         """Continue from ``--resume`` (``auto``: the output dir's checkpoint, if any) bit for bit.
 
-        The checkpoint's digest is verified before it is read (a damaged file falls back to the
-        previous good one, or fails naming the file), and the flags must be the ones it was
-        written with, except those named by ``--override-resume`` (logged).
+        The checkpoint was verified against its digest (a damaged file falls back to the previous
+        good one, or fails naming the file) and its flags compared with this run's (refused unless
+        named by ``--override-resume``) when the trainer was built; here its state is restored and
+        the resume, with any overrides, is logged.
         """
         loaded, overridden = self.loaded, self.overridden
         if loaded is None:
