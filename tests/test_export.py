@@ -355,5 +355,5 @@ def test_dense_metric_of_a_detector_body_matches_the_detector():
     torch.manual_seed(0)
     detector = frostnet.models.get_model("ssdlite_mobilenet_v2", num_classes=num_classes).eval()
     res = export.dense_metric("detection", tensor_body(detector, "detection"), detector, batches, num_classes)
-    ref = evaluate(detector, batches, task=get_task("detection"), info=export._Info(num_classes))
+    ref = evaluate(detector, batches, task=get_task("detection"), num_classes=num_classes)
     assert res == {k: round(float(ref[k]), 4) for k in ("map", "map_50", "map_75")}

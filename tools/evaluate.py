@@ -64,7 +64,7 @@ def measure(weights: str, *, data: str | None = None, split: str = "test", subse
     _, eval_b, info = build_dense_data(dataset, task=task_name, input_size=input_size, batch_size=64, seed=0,
                                        eval_split=split, eval_subset=subset)
     task = get_task(task_name)
-    res = evaluate(model, eval_b, task=task, info=info)
+    res = evaluate(model, eval_b, task=task, num_classes=len(info.categories))
     return {**{k: round(float(res[k]), 4) for k in task.report_keys}, "n": res.get("n", info.eval_size),
             "split": info.eval_split, "dataset": info.name}
 

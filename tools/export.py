@@ -170,15 +170,8 @@ def dense_metric(task: str, run: Callable[[torch.Tensor], Any], float_model: nn.
 
         model = _Outputs()
     t = get_task(task)
-    res = evaluate(model, batches, task=t, info=_Info(num_classes))
+    res = evaluate(model, batches, task=t, num_classes=num_classes)
     return {k: round(float(res[k]), 4) for k in t.report_keys}
-
-
-class _Info:
-    """The part of a DataInfo the evaluation reads (the number of classes)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.categories = [""] * num_classes
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ from .args import get_args_parser, method_args, recorded_args
 from .checkpoint import load_checkpoint, previous_path
 from .checkpoint import save_checkpoint as _save_verified_checkpoint
 from .config import RunConfig, check_method_args
-from .data import DataInfo, TensorBatches
+from .data import TensorBatches
 from .methods import end_layers_qconfig, method_qconfig, quant_ranges, refresh_ewgs_deltas
 from .optimizer import EWGS_GROUP, build_optimizer, build_scheduler
 from .resume_check import check_resume_flags, parse_override_flags
@@ -73,16 +73,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Any, epoch: int = 0, task: Optional[Task] = None,
-             info: Optional[DataInfo] = None) -> dict[str, Any]:
+             num_classes: int = 0) -> dict[str, Any]:
     """The task's metric of ``model`` over ``batches.epoch(epoch)`` (default: classification, top-1 % and loss).
 
-    ``info`` (the run's :class:`DataInfo`) gives dense metrics their number of classes.
+    ``num_classes`` (background included) is needed by the dense metrics.
 
     A fake-quant model is evaluated with its observers paused, so the evaluation data does not
     move its quantization ranges (``quant.observers_paused``).
     """
     task = task or get_task("classification")
-    metric = task.new_metric(len(info.categories) if info is not None else 0)
+    metric = task.new_metric(num_classes)
     model.eval()
     with quant.observers_paused(model):
         for x, y in batches.epoch(epoch):
@@ -416,16 +416,16 @@ class Trainer:
             return record
         t0 = time.time()
         args, task, info = self.args, self.task, self.info
-        ev = evaluate(self.model, self.eval_b, task=task, info=info)
+        ev = evaluate(self.model, self.eval_b, task=task, num_classes=len(info.categories))
         record.update(task.report("fp32" if self.sa.phase == "fp" else "fake_quant", ev))
         if "loss" in ev:
             record["eval_loss"] = ev["loss"]
         if self.sa.phase == "qat" and args.int8_eval:
-            record.update(task.report("int8", evaluate(quant.convert(self.model, args.backend), self.eval_b, task=task, info=info)))
+            record.update(task.report("int8", evaluate(quant.convert(self.model, args.backend), self.eval_b, task=task, num_classes=len(info.categories))))
         elif self.sa.phase == "fp" and args.ptq_eval:
             calib = calibration_batches(self.train_b, args.calib_batches, args.seed)
             record.update(task.report("ptq_int8", evaluate(quant.quantize_ptq(self.model, calib, args.backend), self.eval_b,
-                                                           task=task, info=info)))
+                                                           task=task, num_classes=len(info.categories))))
         record["eval_time_s"] = round(time.time() - t0, 1)
         self.history.append(record)
         self.pending_eval = None
@@ -448,15 +448,15 @@ class Trainer:
         float_model = get_model(args.model, **task.model_kwargs(self.cfg, info))
         float_model.load_state_dict(self.sa.float_state_dict(), strict=True)
         final: dict[str, Any] = {"model": args.model, "task": task.name, "mode": args.mode, "epochs": args.epochs, "split": split,
-                                 **task.report("fp32", evaluate(float_model, test_b, task=task, info=info))}
+                                 **task.report("fp32", evaluate(float_model, test_b, task=task, num_classes=len(info.categories)))}
         if self.sa.phase == "qat":
-            final.update(task.report("fake_quant", evaluate(self.model, test_b, task=task, info=info)))
+            final.update(task.report("fake_quant", evaluate(self.model, test_b, task=task, num_classes=len(info.categories))))
         calib = calibration_batches(self.train_b, args.calib_batches, args.seed)
         int8_models = {}
         for backend in [b for b in args.export_backends.split(",") if b]:
             int8 = int8_for_backend(self.model, float_model, self.sa, backend, args, calib)
             try:
-                final.update(task.report(f"int8_{backend}", evaluate(int8, test_b, task=task, info=info)))
+                final.update(task.report(f"int8_{backend}", evaluate(int8, test_b, task=task, num_classes=len(info.categories))))
             except RuntimeError as e:
                 # An engine can refuse a degenerate model (qnnpack: an add whose input-to-output scale
                 # ratio is outside [2**-14, 2**8)); keep the run's other results and say why this
