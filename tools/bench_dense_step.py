@@ -55,6 +55,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--qat", action="store_true",
                         help='measure QAT training: frostnet.quant.prepare_qat(model, "x86") first')
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                        help="model and images in the channels-last memory format, as tools/train.py trains by default")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images and targets")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     return parser
@@ -128,6 +130,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         quant.prepare_qat(model, "x86")
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=gen)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     targets = random_boxes(gen, args.batch, args.size)
     masks = masks_from_boxes(targets, args.size)
     forward, loss_fn, full_step = _phases(model, task, x, targets, masks)
@@ -150,13 +155,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split_total = ms["forward"] + ms["loss"] + ms["backward"]
     result = {
         "model": args.model, "task": task, "mode": "qat" if args.qat else "fp", "size": args.size,
+        "channels_last": args.channels_last,
         "batch": args.batch, "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
         "ms": {key: round(v, 2) for key, v in ms.items()},
         "loss_share": round(ms["loss"] / split_total, 4),
         "images_per_s": round(args.batch / (ms["step"] / 1e3), 2),
         "torch": torch.__version__,
     }
-    print(f"{args.model} {result['mode']} {args.size}x{args.size} batch {args.batch}, {args.threads} thread(s), "
+    print(f"{args.model} {result['mode']}{' channels-last' if args.channels_last else ''} {args.size}x{args.size} batch {args.batch}, {args.threads} thread(s), "
           f"median of {args.iters}: forward {ms['forward']:.1f} ms, loss {ms['loss']:.1f} ms "
           f"({100 * result['loss_share']:.1f}% of forward+loss+backward), backward {ms['backward']:.1f} ms; "
           f"full step {ms['step']:.1f} ms = {result['images_per_s']:.1f} images/s")

@@ -204,6 +204,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="write the FP32 and INT8 safetensors files into <output-dir>/export at the end")
     g.add_argument("--export-backends", default="x86,qnnpack", help="comma-separated INT8 backends to export")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="train in the channels-last memory format (faster convolutions on CPU, "
+                        "docs/dense-training-speed.md); the math is the same, float rounding differs")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     g.add_argument("--exit-at-step", type=int, default=0,
                    help="testing aid: hard-exit (os._exit) right after this global step, as a killed job would")

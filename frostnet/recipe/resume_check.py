@@ -11,7 +11,8 @@ Decisions, flag by flag (see docs/hardening.md):
 
 * harmless (:data:`HARMLESS_FLAGS`): where output goes and how fast it runs, none of which
   touches the weights or the recorded metrics: ``--output-dir`` (the same directory spelled
-  differently), ``--resume``, ``--threads``, ``--workers`` (ImageFolder batches do not depend on
+  differently), ``--resume``, ``--threads``, ``--channels-last`` (memory layout: the same math
+  in another order of float operations, like ``--threads``), ``--workers`` (ImageFolder batches do not depend on
   it, see :class:`frostnet.recipe.data.LoaderBatches`), ``--progress``, ``--ckpt-interval-steps``,
   ``--exit-at-step`` (a test aid), ``--export``/``--export-backends`` (only what is written at
   the end), and the resume/overwrite flags themselves.
@@ -35,7 +36,7 @@ __all__ = ["HARMLESS_FLAGS", "NEVER_OVERRIDABLE", "ResumeFlagError", "check_resu
 
 #: Flags (argparse ``dest`` names) that may differ between a run and its resumption.
 HARMLESS_FLAGS = frozenset({
-    "output_dir", "resume", "threads", "workers", "progress", "ckpt_interval_steps", "exit_at_step",
+    "output_dir", "resume", "threads", "channels_last", "workers", "progress", "ckpt_interval_steps", "exit_at_step",
     "export", "export_backends", "override_resume", "overwrite", "allow_unverified_checkpoint",
 })
 #: Flags whose change no override can make consistent with the checkpoint.
