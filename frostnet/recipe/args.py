@@ -119,6 +119,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--random-erasing", type=float, default=0.0,
                    help="Fashion-MNIST: probability of erasing a random box of each training image (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay per step (e.g. 0.999; "
+                        "0 = off), evaluated beside the live weights every epoch; the run exports the EMA weights "
+                        "when they are better on the last epoch's evaluation split (restarted at the QAT switch)")
     g.add_argument("--init", default=None, help="FP32 weights file (safetensors) to start from (required by qat-finetune)")
     g.add_argument("--reset-head", action="store_true",
                    help="with --init: start the classifier anew (fine-tuning INT8-ready weights on a dataset with other classes)")

@@ -40,6 +40,7 @@ from .checkpoint import load_checkpoint, previous_path
 from .checkpoint import save_checkpoint as _save_verified_checkpoint
 from .config import RunConfig, check_method_args
 from .data import TensorBatches
+from .ema import WeightEMA
 from .methods import end_layers_qconfig, method_qconfig, quant_ranges, refresh_ewgs_deltas
 from .optimizer import EWGS_GROUP, build_optimizer, build_scheduler
 from .resume_check import check_resume_flags, parse_override_flags
@@ -257,6 +258,7 @@ class Trainer:
         self.train_sums: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
         self.pending_eval: Optional[dict[str, Any]] = None
+        self.ema: Optional[WeightEMA] = WeightEMA(args.ema_decay) if args.ema_decay > 0 else None
         self.log_file = self.out / "metrics.jsonl"
         self.ddp_model: nn.Module = self.model
         self._wrapped_phase: Optional[str] = None
@@ -287,6 +289,8 @@ class Trainer:
         ckpt = loaded.state
         self.sa.load_state_dict(ckpt["statassist"])  # rebuilds the QAT skeleton before the weights load
         self.model.load_state_dict(ckpt["model"], strict=True)
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"], self.model)  # else (the flag added on resume) it starts anew
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
@@ -319,6 +323,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "statassist": self.sa.state_dict(), "epoch": epoch, "batch": batch, "global_step": self.global_step,
             "fold_tracker": self.fold.state_dict() if self.fold is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             # the interrupted epoch's running sums, so its logged train figures cover every batch
             "train_sums": dict(self.train_sums) if batch else {},
             # a finished epoch whose evaluation has not been logged yet (checkpointed before evaluating)
@@ -351,6 +356,8 @@ class Trainer:
         # after _begin_epoch: switching to QAT adds modules (their parameters are the float ones)
         layout = self._layout()
         self.model.to(memory_format=layout)
+        if self.ema is not None and self.ema.phase != self.sa.phase:
+            self.ema.start(self.model, self.sa.phase)  # QAT changed the structure: average anew
         t0 = time.time()
         self.ddp_model.train()
         bar = None
@@ -386,6 +393,8 @@ class Trainer:
                     if self.saved_fold is not None:
                         self.fold.load_state_dict(self.saved_fold)
                 self.fold.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.sched.step()
             self.global_step += 1
             for k, v in sums.items():
@@ -428,9 +437,13 @@ class Trainer:
         t0 = time.time()
         args, task, info = self.args, self.task, self.info
         ev = evaluate(self.model, self.eval_b, task=task, num_classes=len(info.categories))
-        record.update(task.report("fp32" if self.sa.phase == "fp" else "fake_quant", ev))
+        prefix = "fp32" if self.sa.phase == "fp" else "fake_quant"
+        record.update(task.report(prefix, ev))
         if "loss" in ev:
             record["eval_loss"] = ev["loss"]
+        if self.ema is not None and self.ema.phase == self.sa.phase:
+            record.update(task.report(f"ema_{prefix}", evaluate(self.ema.module, self.eval_b, task=task,
+                                                                num_classes=len(info.categories))))
         if self.sa.phase == "qat" and args.int8_eval:
             record.update(task.report("int8", evaluate(quant.convert(self.model, args.backend), self.eval_b, task=task, num_classes=len(info.categories))))
         elif self.sa.phase == "fp" and args.ptq_eval:
@@ -443,6 +456,21 @@ class Trainer:
         self.log(record)
         return record
 
+    def _choose_ema(self) -> dict[str, Any]:
+        """With ``--ema-decay``: put the EMA weights into the model if the last epoch's evaluation
+        (validation split) rated them strictly better than the live ones; says which was taken."""
+        if self.ema is None:
+            return {}
+        headline = self.task.report_keys[0]
+        prefix = "fp32" if self.sa.phase == "fp" else "fake_quant"
+        last = self.history[-1] if self.history else {}
+        live, ema = last.get(f"{prefix}_{headline}"), last.get(f"ema_{prefix}_{headline}")
+        take = live is not None and ema is not None and ema > live
+        if take:
+            self.ema.copy_to(self.model)
+        return {"weights": "ema" if take else "live", "ema_decay": self.ema.decay,
+                "ema_choice": {"split": self.info.eval_split, "key": f"{prefix}_{headline}", "live": live, "ema": ema}}
+
     def log(self, record: dict[str, Any]) -> None:
         with open(self.log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -454,6 +482,7 @@ class Trainer:
         from .export import export_run
 
         args, task, info = self.args, self.task, self.info
+        chosen = self._choose_ema()
         # exports and INT8 conversion from the standard layout, whatever the run trained in
         self.model.to(memory_format=torch.contiguous_format)
         split = task.test_split(info)
@@ -461,6 +490,7 @@ class Trainer:
         float_model = get_model(args.model, **task.model_kwargs(self.cfg, info))
         float_model.load_state_dict(self.sa.float_state_dict(), strict=True)
         final: dict[str, Any] = {"model": args.model, "task": task.name, "mode": args.mode, "epochs": args.epochs, "split": split,
+                                 **chosen,
                                  **task.report("fp32", evaluate(float_model, test_b, task=task, num_classes=len(info.categories)))}
         if self.sa.phase == "qat":
             final.update(task.report("fake_quant", evaluate(self.model, test_b, task=task, num_classes=len(info.categories))))

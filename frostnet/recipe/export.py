@@ -35,7 +35,7 @@ def export_run(args: argparse.Namespace, float_model: nn.Module, int8_models: di
     meta = {"dataset": info.name, "data": args.data, "task": info.extra.get("task", "classification"),
             "categories": json.dumps(info.categories), "input_size": str(info.input_size),
             "mean": json.dumps(info.mean), "std": json.dumps(info.std), "recipe": recipe_command(args), "mode": args.mode,
-            "run_id": run_id}
+            "run_id": run_id, "weights": str(final.get("weights", "live"))}
     files = {"fp32": str(out / f"{base}.fp32.safetensors")}
     save_fp32(float_model, files["fp32"], arch=args.model, num_classes=len(info.categories), metadata=meta)
     for backend, int8 in int8_models.items():

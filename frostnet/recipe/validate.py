@@ -39,6 +39,8 @@ def validate_run_config(args: argparse.Namespace, train_size: int, *, eval_size:
         (args.train_subset >= 0, f"--train-subset must be >= 0 (0 = all), got {args.train_subset}"),
         (args.eval_subset >= 0, f"--eval-subset must be >= 0 (0 = all), got {args.eval_subset}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.ema_decay == 0 or 0 < args.ema_decay < 1,
+         f"--ema-decay must lie in (0, 1) (e.g. 0.999), or be 0 to turn the weight EMA off; got {args.ema_decay}"),
         (args.threads >= 0, f"--threads must be >= 0 (0 = torch default), got {args.threads}"),
     ]
     for ok, message in checks:

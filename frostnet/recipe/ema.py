@@ -1,0 +1,86 @@
+"""Weight EMA for the recipe: an exponential moving average of the trained parameters.
+
+Built on :class:`torch.optim.swa_utils.AveragedModel` (``use_buffers=False``): the parameters
+are averaged, the buffers are copied from the live model at every update. For a fake-quant model
+that is what the averaged weights need: the observers' ranges and BN's running statistics are
+the live model's, the ones an INT8 conversion would use.
+
+StatAssist changes the model's structure when it switches to QAT (fusion, fake quantization), so
+the average restarts from the live weights at the switch: the exported EMA is an average over the
+QAT phase only. With ``--ema-decay d`` it covers about ``1 / (1 - d)`` steps, so an average
+started (or restarted by a resume that adds the flag) that many steps before the end equals one
+kept from the start up to a negligible weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["WeightEMA"]
+
+
+class WeightEMA:
+    """The exponential moving average of a model's parameters, restarted when the phase changes.
+
+    Args:
+        decay: weight of the old average per step, in ``(0, 1)``.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema-decay must lie in (0, 1) (e.g. 0.999; 0 turns EMA off), got {decay}")
+        self.decay = decay
+        self.phase: Optional[str] = None
+        self.averaged: Optional[AveragedModel] = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model (raises before :meth:`start`)."""
+        if self.averaged is None:
+            raise RuntimeError("the weight EMA has not started; call start(model, phase) first")
+        return self.averaged.module
+
+    def start(self, model: nn.Module, phase: str) -> None:
+        """Begin a new average at ``model``'s current weights (``phase``: StatAssist's phase)."""
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=False)
+        self.averaged.update_parameters(model)  # the first update copies the weights
+        self.phase = phase
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s parameters; its buffers are copied."""
+        if self.averaged is None:
+            raise RuntimeError("the weight EMA has not started; call start(model, phase) first")
+        for mine, theirs in zip(self.averaged.module.buffers(), model.buffers()):
+            if mine.shape != theirs.shape:
+                # observers size their min/max buffers at the first batch they see (as they do themselves)
+                mine.resize_(theirs.shape)
+        self.averaged.update_parameters(model)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged parameters into ``model``'s parameter objects (same structure)."""
+        averaged = list(self.module.parameters())
+        live = list(model.parameters())
+        if len(averaged) != len(live):
+            raise RuntimeError(f"the EMA copy has {len(averaged)} parameters, the model {len(live)}: "
+                               "they come from different phases or architectures")
+        for p, q in zip(live, averaged):
+            p.copy_(q)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the average bit for bit."""
+        return {"decay": self.decay, "phase": self.phase,
+                "averaged": self.averaged.state_dict() if self.averaged is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore an average saved by :meth:`state_dict`; ``model`` has the checkpoint's structure."""
+        if state.get("averaged") is None:
+            return
+        self.start(model, state["phase"])
+        assert self.averaged is not None
+        self.averaged.load_state_dict(state["averaged"], strict=True)
