@@ -310,6 +310,9 @@ def _is_int(v: object) -> bool:
 
 # Flags whose value is where a run writes: recorded as runs/<name>, the README's convention.
 _OUTPUT_FLAGS = ("--output-dir",)
+# Flags that only steer a resumption (which checkpoint to trust, which changed flags to accept):
+# a fresh run of the published command does not need them. The value-taking ones drop their value.
+_RESUME_ONLY_FLAGS = {"--override-resume": True, "--allow-unverified-checkpoint": False}
 # System data packages (Debian's dataset-fashion-mnist) are the same path on every machine.
 _PORTABLE_PREFIXES = ("/usr/share/",)
 
@@ -317,11 +320,19 @@ _PORTABLE_PREFIXES = ("/usr/share/",)
 def portable_recipe(command: str) -> str:
     """``command`` without the paths of the machine that ran it: ``--output-dir /root/x/run``
     becomes ``--output-dir runs/run`` (also ``--output-dir=...``). Other absolute paths are kept
-    (:func:`machine_paths` lists them)."""
+    (:func:`machine_paths` lists them). Flags that only steer a resumption
+    (``--override-resume X``, ``--allow-unverified-checkpoint``) are dropped."""
     tokens = command.split(" ")
-    out = []
+    out: list[str] = []
+    skip_value = False
     for i, tok in enumerate(tokens):
         flag, eq, value = tok.partition("=")
+        if skip_value:
+            skip_value = False
+            continue
+        if flag in _RESUME_ONLY_FLAGS:
+            skip_value = _RESUME_ONLY_FLAGS[flag] and not eq
+            continue
         if eq and flag in _OUTPUT_FLAGS and value.startswith("/"):
             tok = f"{flag}=runs/{Path(value).name}"
         elif i > 0 and tokens[i - 1] in _OUTPUT_FLAGS and tok.startswith("/"):

@@ -537,6 +537,10 @@ def test_recipes_hold_no_machine_paths(zoo):
         "python tools/train.py --output-dir runs/small --resume auto"
     assert hub.portable_recipe("train --output-dir=/tmp/x/run7") == "train --output-dir=runs/run7"
     assert hub.portable_recipe("train --output-dir runs/a") == "train --output-dir runs/a"
+    # flags that only steered a resumption are not part of the recipe
+    assert hub.portable_recipe("train --lr 1 --override-resume ema_decay,lr --allow-unverified-checkpoint --seed 0") == \
+        "train --lr 1 --seed 0"
+    assert hub.portable_recipe("train --override-resume=lr --seed 0") == "train --seed 0"
     for name, entry in hub.read_manifest(hub.MANIFEST_PATH).items():
         assert hub.machine_paths(entry.recipe or "") == [] and hub.machine_paths(entry.metrics_command or "") == [], name
         assert "--output-dir runs/" in entry.recipe

@@ -32,6 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir", type=Path, help="the run's export folder (run.json + .safetensors files)")
     p.add_argument("--default", action="store_true", help="make these the default weights of their arch/backends")
     p.add_argument("--replace", action="store_true", help="overwrite existing entries of the same names")
+    p.add_argument("--note", action="append", default=[],
+                   help="add this sentence to every entry's notes (e.g. how the run was interrupted and resumed); repeatable")
     p.add_argument("--weights-dir", type=Path, default=ROOT / "weights", help="destination of the files")
     p.add_argument("--allow-missing-run-id", action="store_true",
                    help="publish an export written before runs had ids (its files cannot be matched to the run)")
@@ -85,6 +87,15 @@ def main(args: argparse.Namespace) -> int:
                              f"activation ranges (the run trained fake-quantized for {trained})")
         if backend and final["mode"] == "fp":
             notes.append("INT8 by post-training quantization of the FP32 weights")
+        if final.get("weights") == "ema":
+            c = final["ema_choice"]
+            notes.append(f"the weight EMA (decay {final['ema_decay']}) of the last phase, exported because it beat the live "
+                         f"weights on the {c['split']} split ({c['key']} {c['ema']:.2f} vs {c['live']:.2f})")
+        elif final.get("weights") == "live" and final.get("ema_choice"):
+            c = final["ema_choice"]
+            notes.append(f"the live weights: the weight EMA (decay {final['ema_decay']}) was not better on the {c['split']} "
+                         f"split ({c['key']} {c['ema']:.2f} vs {c['live']:.2f})")
+        notes.extend(args.note)
         entry_name, entry = hub.make_manifest_entry(
             dst, dataset=dataset, metrics=metrics, metrics_command=f"python tools/evaluate.py {name} (acc@1_first{SUBSET}: --subset {SUBSET})",
             recipe=recipe, default=args.default, notes="; ".join(notes))
