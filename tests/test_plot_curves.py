@@ -17,7 +17,8 @@ spec.loader.exec_module(plot_curves)
 def _run(tmp_path: Path, name: str = "run") -> Path:
     run = tmp_path / name
     run.mkdir()
-    lines = [{"epoch": 0, "phase": "fp", "fp32_top1": 80.0}, {"epoch": 1, "phase": "qat", "fake_quant_top1": 85.5, "int8_top1": 85.0},
+    lines = [{"epoch": 0, "phase": "fp", "fp32_top1": 80.0},
+             {"epoch": 1, "phase": "qat", "fake_quant_top1": 85.5, "int8_top1": 85.0, "ema_fake_quant_top1": 85.75},
              {"final": {"fp32_top1": 86.0}}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
     return run
@@ -25,7 +26,8 @@ def _run(tmp_path: Path, name: str = "run") -> Path:
 
 def test_read_curves_splits_the_phases(tmp_path):
     curves = plot_curves.read_curves(_run(tmp_path), "top1")
-    assert curves == {"fp32": [(0, 80.0)], "fake_quant": [(1, 85.5)], "int8": [(1, 85.0)]}
+    assert curves == {"fp32": [(0, 80.0)], "fake_quant": [(1, 85.5)], "int8": [(1, 85.0)], "ema_fp32": [],
+                      "ema_fake_quant": [(1, 85.75)]}
 
 
 def test_unknown_metric_and_missing_run_name_the_fix(tmp_path):
@@ -42,6 +44,6 @@ def test_unknown_metric_and_missing_run_name_the_fix(tmp_path):
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "docs/curves.png"
-    plot_curves.plot([_run(tmp_path, "a"), _run(tmp_path, "b")], "top1", out)
+    plot_curves.plot([_run(tmp_path, "a"), _run(tmp_path, "b")], "top1", out, ema=True, ymin=50)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 KINDS = (("fp32", "FP32", "-"), ("fake_quant", "fake-quant", "--"), ("int8", "INT8", ":"))
+#: Drawn with --ema: the weight EMA's evaluation (tools/train.py --ema-decay) in either phase.
+EMA_KINDS = (("ema_fp32", "EMA FP32", "-."), ("ema_fake_quant", "EMA fake-quant", "-."))
 
 
 def read_curves(run_dir: Path, metric: str) -> dict[str, list[tuple[int, float]]]:
-    """``{kind: [(epoch, value), ...]}`` from ``run_dir/metrics.jsonl`` (kinds: fp32, fake_quant, int8)."""
+    """``{kind: [(epoch, value), ...]}`` from ``run_dir/metrics.jsonl`` (kinds: fp32, fake_quant,
+    int8, ema_fp32, ema_fake_quant)."""
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{log} does not exist; pass the --output-dir of a tools/train.py run")
-    curves: dict[str, list[tuple[int, float]]] = {k: [] for k, _, _ in KINDS}
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k, _, _ in KINDS + EMA_KINDS}
     for n, line in enumerate(log.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -37,7 +40,7 @@ def read_curves(run_dir: Path, metric: str) -> dict[str, list[tuple[int, float]]
             raise ValueError(f"{log}:{n} is not JSON ({e}); is the file truncated?") from None
         if "epoch" not in rec:
             continue  # the final record
-        for kind, _, _ in KINDS:
+        for kind, _, _ in KINDS + EMA_KINDS:
             if f"{kind}_{metric}" in rec:
                 curves[kind].append((int(rec["epoch"]), float(rec[f"{kind}_{metric}"])))
     if not any(curves.values()):
@@ -47,8 +50,10 @@ def read_curves(run_dir: Path, metric: str) -> dict[str, list[tuple[int, float]]
     return curves
 
 
-def plot(runs: list[Path], metric: str, output: Path, title: str = "") -> None:
-    """Draw every run's curves into one PNG, written atomically."""
+def plot(runs: list[Path], metric: str, output: Path, title: str = "", *, ema: bool = False,
+         ymin: float | None = None) -> None:
+    """Draw every run's curves into one PNG, written atomically (``ema``: the EMA curves too;
+    ``ymin``: cut the y axis there, so early epochs do not squash the end of training)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,10 +63,12 @@ def plot(runs: list[Path], metric: str, output: Path, title: str = "") -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         curves = read_curves(run, metric)
-        for kind, label, style in KINDS:
+        for kind, label, style in KINDS + (EMA_KINDS if ema else ()):
             if curves[kind]:
                 xs, ys = zip(*curves[kind])
                 ax.plot([x + 1 for x in xs], ys, style, color=colours[i % len(colours)], label=f"{run.name} {label}")
+    if ymin is not None:
+        ax.set_ylim(bottom=ymin)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -86,11 +93,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="top1", help="metric key without its prefix: top1, miou, pixel_acc, map, map_50")
     p.add_argument("--output", type=Path, required=True, help="PNG to write")
     p.add_argument("--title", default="", help="plot title")
+    p.add_argument("--ema", action="store_true", help="also draw the weight EMA's curves (runs with --ema-decay)")
+    p.add_argument("--ymin", type=float, default=None, help="lower end of the y axis (default: fit the data)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    plot(args.runs, args.metric, args.output, args.title)
+    plot(args.runs, args.metric, args.output, args.title, ema=args.ema, ymin=args.ymin)
     print(f"wrote {args.output}")
     return 0
 
