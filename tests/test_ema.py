@@ -19,23 +19,26 @@ from frostnet.recipe.tasks import get_task
 from test_recipe import ROOT, TINY, needs_data
 
 
-def test_the_average_follows_the_ema_formula_and_buffers_follow_the_live_model():
+def test_the_average_follows_the_ema_formula_for_weights_and_bn_statistics_and_copies_other_buffers():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     ema = WeightEMA(0.9)
     ema.start(model, "fp")
-    expected = [p.detach().clone() for p in model.parameters()]
+    bn = model[1]
+    tracked = lambda: [*model.parameters(), bn.running_mean, bn.running_var]  # noqa: E731
+    expected = [t.detach().clone() for t in tracked()]
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         model.train()(torch.randn(8, 4))  # moves BN's running statistics
         ema.update(model)
-        expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters())]
-    for e, q in zip(expected, ema.module.parameters()):
+        expected = [0.9 * e + 0.1 * t.detach() for e, t in zip(expected, tracked())]
+    averaged_bn = ema.module[1]
+    for e, q in zip(expected, [*ema.module.parameters(), averaged_bn.running_mean, averaged_bn.running_var]):
         torch.testing.assert_close(q, e)
-    for b, q in zip(model.buffers(), ema.module.buffers()):
-        assert torch.equal(b, q)  # observers and BN statistics are the live model's
+    assert not torch.equal(averaged_bn.running_mean, bn.running_mean)
+    assert torch.equal(averaged_bn.num_batches_tracked, bn.num_batches_tracked)  # other buffers: the live model's
     ema.copy_to(model)
     for e, p in zip(expected, model.parameters()):
         torch.testing.assert_close(p, e)

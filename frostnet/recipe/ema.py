@@ -1,9 +1,12 @@
 """Weight EMA for the recipe: an exponential moving average of the trained parameters.
 
 Built on :class:`torch.optim.swa_utils.AveragedModel` (``use_buffers=False``): the parameters
-are averaged, the buffers are copied from the live model at every update. For a fake-quant model
-that is what the averaged weights need: the observers' ranges and BN's running statistics are
-the live model's, the ones an INT8 conversion would use.
+are averaged; BatchNorm's running statistics are averaged alike (as timm's EMA does: statistics
+of the live weights do not fit averaged weights while the learning rate is high); every other
+buffer is copied from the live model at each update. Those are the fake quantizers' observers:
+this recipe's weight and activation observers are moving averages (constant 0.01) themselves, so
+their ranges already smooth the last hundred or so steps, and an INT8 conversion of the averaged
+weights uses them as it would the live model's.
 
 StatAssist changes the model's structure when it switches to QAT (fusion, fake quantization), so
 the average restarts from the live weights at the switch: the exported EMA is an average over the
@@ -21,6 +24,17 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 __all__ = ["WeightEMA"]
+
+
+def _bn_statistics(averaged: nn.Module, live: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(averaged, live)`` pairs of the BatchNorm running means and variances of two same-structured models."""
+    pairs = []
+    for mine, theirs in zip(averaged.modules(), live.modules()):
+        if isinstance(mine, nn.modules.batchnorm._BatchNorm) and mine.running_mean is not None:
+            assert isinstance(theirs, nn.modules.batchnorm._BatchNorm) and theirs.running_mean is not None
+            assert mine.running_var is not None and theirs.running_var is not None
+            pairs += [(mine.running_mean, theirs.running_mean), (mine.running_var, theirs.running_var)]
+    return pairs
 
 
 class WeightEMA:
@@ -59,7 +73,11 @@ class WeightEMA:
             if mine.shape != theirs.shape:
                 # observers size their min/max buffers at the first batch they see (as they do themselves)
                 mine.resize_(theirs.shape)
-        self.averaged.update_parameters(model)
+        stats = _bn_statistics(self.averaged.module, model)
+        before = [mine.clone() for mine, _ in stats]
+        self.averaged.update_parameters(model)  # averages the parameters, copies every buffer
+        for (mine, theirs), old in zip(stats, before):
+            mine.copy_(old.lerp(theirs, 1.0 - self.decay))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
