@@ -90,7 +90,8 @@ def _metrics(out: Path) -> list[dict]:
 @needs_data
 def test_cli_ewgs_trains_resumes_and_exports(tmp_path, monkeypatch):
     final, out, ckpt = _kill_and_resume(tmp_path, monkeypatch, ["--mode", "qat", "--qat-method", "ewgs",
-                                                                 "--ewgs-interval", "1"], kill_at=3)
+                                                                 "--ewgs-interval", "1", "--ewgs-samples", "1",
+                                                                 "--ewgs-batches", "1"], kill_at=3)
     assert any(k.endswith("weight_fake_quant.upper") for k in ckpt["model"])
     assert ckpt["model"]["conv1.conv.0.weight_fake_quant.upper"].numel() > 1  # x86: per-channel intervals
     deltas = [float(v) for k, v in ckpt["model"].items() if k.endswith(".delta")]
@@ -310,7 +311,7 @@ def test_recipe_method_helpers():
         quant_ranges(parse(["--weight-bits", "1"]))
     d = METHOD_DEFAULTS
     assert (d["tr_relative"], d["tr_target"], d["gb_rule"], d["keep_8bit_ends"]) == (True, 1.0, "paper", False)
-    assert (d["ewgs_samples"], d["ewgs_batches"], d["ewgs_per_quantizer"], d["ewgs_bound_opt"]) == (16, 1, False, "adam")
+    assert (d["ewgs_samples"], d["ewgs_batches"], d["ewgs_per_quantizer"], d["ewgs_bound_opt"]) == (4, 2, True, "adam")
 
 
 def test_statassist_hands_new_quantizer_parameters_to_the_optimizer():
