@@ -115,6 +115,7 @@ def published_scenes(tmp_path_factory):
     finally:
         sys.path.remove(str(root / "tools"))
     entries = {}
+    threads = torch.get_num_threads()  # the recipe's --threads 1 sets the process-wide count
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FROSTNET_MANIFEST", str(manifest))
         for task, arch in TINY_SCENE_MODELS.items():
@@ -127,6 +128,7 @@ def published_scenes(tmp_path_factory):
             add_weights.main(add_weights.get_args_parser().parse_args(
                 [str(out / "export"), "--default", "--weights-dir", str(weights)]))
             entries[task] = {"fp32": f"{arch}.fashion_scenes.fp32", "int8_x86": f"{arch}.fashion_scenes.int8_x86"}
+    torch.set_num_threads(threads)
     return {"manifest": manifest, "weights": weights, "models": dict(TINY_SCENE_MODELS), "entries": entries}
 
 
