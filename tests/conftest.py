@@ -115,7 +115,8 @@ def published_scenes(tmp_path_factory):
     finally:
         sys.path.remove(str(root / "tools"))
     entries = {}
-    threads = torch.get_num_threads()  # the recipe's --threads 1 sets the process-wide count
+    threads = torch.get_num_threads()  # restored at the end: the recipe's --threads 1 sets the process-wide count
+    torch.set_num_threads(1)  # loading INT8 files (weight prepacking) and 16-canvas evaluations: threads only contend
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FROSTNET_MANIFEST", str(manifest))
         for task, arch in TINY_SCENE_MODELS.items():

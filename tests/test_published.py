@@ -2,12 +2,15 @@
 
 Driven by the real manifest: every published entry's file verifies and loads through
 ``torch.hub.load(<checkout>, ..., source="local")``, one INT8 checkpoint is re-evaluated on a fixed
-part of the real Fashion-MNIST test split against the number its manifest entry records, and a
-published INT8-ready (QAT-trained) FP32 file is fine-tuned to another class count and converted.
+part of the real Fashion-MNIST test split against the number its manifest entry records (and one
+INT8 detector and one INT8 segmenter on a fixed part of the scene test split, once published), and
+a published INT8-ready (QAT-trained) FP32 file is fine-tuned to another class count and converted.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,74 @@ def test_int8_checkpoint_reproduces_its_manifest_accuracy():
     res = evaluate.measure(name, subset=2000)
     assert res["n"] == 2000 and res["split"] == "test"
     assert abs(res["acc@1"] - expected) <= 0.3, (res, expected)
+
+
+#: Preferred dense INT8 entries to re-evaluate, one per task: the FrostNet-backbone models first.
+DENSE_PREFERRED = {"detection": ("ssdlite_frostnet_small_1_0", "ssdlite_mobilenet_v2", "tiny_dsod"),
+                   "segmentation": ("lraspp_frostnet_small_1_0", "lraspp_mobilenet_v3_large_re", "espnet")}
+_SUBSET_KEY = re.compile(r"^(?P<metric>.+)_first(?P<n>\d+)$")
+
+
+def dense_int8_defaults(entries) -> list[str]:
+    """One default INT8 x86 entry per dense task (:data:`DENSE_PREFERRED` order, then by name)."""
+    picked = []
+    for task, preferred in DENSE_PREFERRED.items():
+        names = sorted((n for n, e in entries.items() if e.task == task and e.default and e.backend == "x86"),
+                       key=lambda n: (preferred.index(entries[n].arch) if entries[n].arch in preferred else 99, n))
+        picked += names[:1]
+    return picked
+
+
+_DENSE = dense_int8_defaults(hub.read_manifest())
+DENSE_PARAMS = [pytest.param(n, id=n) for n in _DENSE] or [pytest.param(None, id="none", marks=pytest.mark.skip(
+    reason="no dense weights published yet: the manifest has no default INT8 x86 detection or segmentation entry "
+           "(python tools/add_weights.py <run>/export --default publishes one)"))]
+
+
+def remeasure(name: str) -> tuple[str, float, float, dict]:
+    """Re-evaluate entry ``name`` on the fixed first part of its test split that its manifest
+    records (``<metric>_first<N>``, written by tools/add_weights.py): (metric key, manifest figure,
+    measured figure, the full result)."""
+    evaluate = _load_tool("evaluate")
+    metrics = hub.get_weights(name).metrics
+    keys = [m for m in map(_SUBSET_KEY.match, metrics) if m]
+    assert len(keys) == 1, f"{name} records {len(keys)} '<metric>_first<N>' figures, expected one: {dict(metrics)}"
+    metric, n = keys[0]["metric"], int(keys[0]["n"])
+    res = evaluate.measure(name, subset=n)
+    assert res["n"] == n and res["split"] == "test", res
+    return metric, metrics[keys[0].string], res[metric], res
+
+
+#: "Within 1 point": 0.01 for the dense metrics (fractions).
+DENSE_TOLERANCE = 0.01
+
+
+@pytest.mark.usefixtures("one_thread")  # INT8 loading and small-batch inference: threads only contend here
+@pytest.mark.parametrize("name", DENSE_PARAMS)
+def test_dense_int8_checkpoint_reproduces_its_manifest_metric(name):
+    metric, expected, measured, res = remeasure(name)
+    assert abs(measured - expected) <= DENSE_TOLERANCE, (name, metric, expected, res)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dense_int8_defaults_pick_one_per_task_preferring_frostnet(use_published_scenes, monkeypatch):
+    """The selection and the comparison above, on the tiny published export of tests/conftest.py."""
+    entries = hub.read_manifest()
+    picked = dense_int8_defaults(entries)
+    assert picked == [use_published_scenes["entries"][t]["int8_x86"] for t in ("detection", "segmentation")]
+    for name in picked:
+        metric, expected, measured, _ = remeasure(name)
+        assert metric == {"detection": "map", "segmentation": "miou"}[entries[name].task]
+        assert abs(measured - expected) <= DENSE_TOLERANCE, (name, expected, measured)
+    # a manifest figure off by more than a point is caught
+    data = json.loads(use_published_scenes["manifest"].read_text())
+    name = picked[0]
+    key = next(k for k in data["weights"][name]["metrics"] if _SUBSET_KEY.match(k))
+    data["weights"][name]["metrics"][key] += 2 * DENSE_TOLERANCE
+    use_published_scenes["manifest"].with_name("off.json").write_text(json.dumps(data))
+    monkeypatch.setenv("FROSTNET_MANIFEST", str(use_published_scenes["manifest"].with_name("off.json")))
+    _, expected, measured, _ = remeasure(name)
+    assert abs(measured - expected) > DENSE_TOLERANCE
 
 
 def test_finetune_published_int8_ready_weights_to_other_classes(tmp_path):
