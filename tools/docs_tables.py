@@ -157,10 +157,13 @@ def dense_models() -> str:
         rows.append(f"| {task} | `{arch}` | {backbone} | {st['params'] / 1e6:.2f} M | {st['macs'] / 1e6:.0f} M | "
                     f"{latency[arch]:.2f} | " + " | ".join(c or missing for c in cells) + f" | {versus} |")
     s, m = bench["settings"], bench["machine"]
-    load = lambda v: "/".join(f"{x:.1f}" for x in v) if v else "?"  # noqa: E731
+
+    def load(v) -> str:
+        return "/".join(f"{x:.1f}" for x in v) if v else "?"
+
     seg, det = ("x".join(map(str, s[k])) for k in ("seg_size", "det_size"))
     size = seg if seg == det else f"{seg} (segmentation) and {det} (detection)"
-    rows += ["", f"Params and MACs (`torch.utils.flop_counter`, MACs = FLOPs / 2) of the float model with "
+    rows += ["", (f"Params and MACs (`torch.utils.flop_counter`, MACs = FLOPs / 2) of the float model with "
                  f"{s['dense_num_classes']} classes at {size}; INT8 x86 ms: median of "
                  f"{s['runs']} runs after {s['warmup']} warm-up runs, batch 1, 1 thread, optimized path "
                  f"(`optimize_for_inference`; a detector's network without decoding and NMS), random weights, "
@@ -168,7 +171,7 @@ def dense_models() -> str:
                  f"while it was shared with training runs (load average {load(bench['load_before'])} before, "
                  f"{load(bench['load_after'])} after): {bench['command'].replace('|', '&#124;')}. Metrics: the "
                  f"default `{DENSE_DATASET}` manifest entries (FP32 file, the QAT run's fake-quant evaluation, "
-                 "the INT8 x86 file) on the scene test split."]
+                 "the INT8 x86 file) on the scene test split.")]
     return "\n".join(rows)
 
 

@@ -31,19 +31,22 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+# a segmentation model's output: {"out": logits} (torchvision's convention) or the logits
+from frostnet.recipe.tasks.segmentation import _logits as logits_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from make_scenes import COLOURS, FONT, save_png  # noqa: E402  (the scene preview's colours: docs/scenes.png)
+# the scene preview's class colours (docs/scenes.png), its font and its atomic PNG writer
+from make_scenes import COLOURS, FONT, save_png
 
-from frostnet.recipe.tasks.segmentation import _logits as logits_of  # noqa: E402  ({"out": logits} or logits)
 #: Default models, best first: the first one with published INT8 weights for the backend is used.
 PREFERRED = ("frostnet_large_1_0", "frostnet_base_1_0", "frostnet_small_1_0")
 #: Largest image accepted, checked from the header before any pixel is decoded (PIL's own
@@ -175,7 +178,7 @@ class FileWeights:
     metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> "FileWeights":
+    def read(cls, path: Path) -> FileWeights:
         """The file's recorded preprocessing and classes.
 
         Raises:
@@ -256,7 +259,8 @@ def check_options(args: argparse.Namespace, task: str, model: str) -> None:
                  if value is not None]
         if given:
             dense = ", ".join(n for t in DENSE_TASKS for n in frostnet.list_models(task=t))
-            raise SystemExit(f"{' and '.join(given)} apply to detection and segmentation models (which write pictures); "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise SystemExit(f"{' and '.join(given)} {verb} to detection and segmentation models (which write pictures); "
                              f"{model} is a classification model: drop {' and '.join(given)}, or pass --model one of {dense}")
         return
     if args.topk is not None:
