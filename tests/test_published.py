@@ -144,6 +144,28 @@ def test_dense_int8_defaults_pick_one_per_task_preferring_frostnet(use_published
     assert abs(measured - expected) > DENSE_TOLERANCE
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_add_weights_publishes_dense_runs_with_their_metrics(use_published_scenes):
+    """tools/add_weights.py on the tiny scene runs of tests/conftest.py: every task metric, the
+    headline on the fixed first part, the fake-quant figures of the run, the run's canvases."""
+    entries = hub.read_manifest()
+    for task, names in use_published_scenes["entries"].items():
+        fp32, int8 = entries[names["fp32"]], entries[names["int8_x86"]]
+        keys = {"detection": ("map", "map_50", "map_75"), "segmentation": ("miou", "pixel_acc")}[task]
+        first = f"{keys[0]}_first16"  # the 16-canvas test split of the tiny run: its real size, not 200
+        assert list(int8.metrics) == [*keys, first] and int8.default and int8.base == fp32.name
+        assert list(fp32.metrics) == [*keys, first, *(f"fake_quant_{k}" for k in keys)]
+        assert all(0.0 <= v <= 1.0 for v in fp32.metrics.values())
+        assert f"({first}: --subset 16)" in int8.metrics_command and "trained from scratch (no --init)" in int8.notes
+        assert (fp32.task, fp32.dataset, fp32.input_size, len(fp32.categories)) == (task, "fashion_scenes", (3, 64, 64), 11)
+        assert fp32.categories[0] == "background"
+    # by manifest name, a dense entry is evaluated on its run's canvases (16 of 64x64), not the default split
+    evaluate = _load_tool("evaluate")
+    name = use_published_scenes["entries"]["segmentation"]["int8_x86"]
+    res = evaluate.measure(name)
+    assert res["n"] == 16 and res["miou"] == entries[name].metrics["miou"]
+
+
 def test_finetune_published_int8_ready_weights_to_other_classes(tmp_path):
     """The documented path: published QAT-trained FP32 -> QAT-prepared model with a new head ->
     one epoch -> INT8."""
