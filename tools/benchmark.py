@@ -923,8 +923,13 @@ def write_plot(data: dict[str, Any], path: Path) -> Optional[Path]:
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:  # atomic, as write_text_atomic
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -941,9 +946,18 @@ def update_readme(readme: Path, block: str) -> None:
                          "fix the markers by hand")
     else:
         text = text[:start] + body + text[end + len(MARK_END):]
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    write_text_atomic(readme, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place: a reader (or
+    tools/docs_tables.py) never sees half a benchmark.json."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -1124,11 +1138,11 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "benchmark.json", json.dumps(data, indent=1) + "\n")
     png = write_plot(data, out / "benchmark.png")
-    (out / "benchmark.md").write_text(markdown(data, image=png.name if png else None), encoding="utf-8")
+    write_text_atomic(out / "benchmark.md", markdown(data, image=png.name if png else None))
     if args.profile:
-        (out / "profile.md").write_text(profile_markdown(data), encoding="utf-8")
+        write_text_atomic(out / "profile.md", profile_markdown(data))
     written = ["benchmark.json", "benchmark.md"] + (["benchmark.png"] if png else []) + (["profile.md"] if args.profile else [])
     print(f"wrote {', '.join(str(out / w) for w in written)} in {data['elapsed_s']:.0f} s")
     if args.update_readme:
