@@ -184,6 +184,13 @@ def test_segmentation_writes_overlay_with_legend(use_published_scenes, tmp_path,
                                    f" -> {picture}")
     sheet = Image.open(picture).convert("RGB")
     assert sheet.width == 256 and sheet.height > 256  # the legend strip under the overlay
+    # the same INT8 file given by path: its recorded preprocessing, the same picture
+    local = use_published_scenes["weights"] / f"{name}.safetensors"
+    assert predict.main(_parse(str(scene), "--model", arch, "--weights", str(local), "--out-dir", str(tmp_path / "f"))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{local} (int8, x86; no recorded test metrics)"
+    assert out[1].split(" -> ")[0] == f"scene_test1.png: classes present: {', '.join(texts) or 'none (background only)'}"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "f" / picture.name).convert("RGB")), np.asarray(sheet))
     if present:  # the first swatch has the first class's colour
         r, g, b = sheet.getpixel((12, 256 + 10))
         assert f"#{r:02x}{g:02x}{b:02x}" == predict.colour(present[0])

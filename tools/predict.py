@@ -366,10 +366,11 @@ def _header(entry: Any, task: str) -> str:
     """The first line printed: the weights, their format and their recorded test metric."""
     m = entry.metrics
     if task == "classification":
-        return f"{entry.name} ({entry.format}, {entry.backend}; test top-1 {m.get('acc@1', float('nan')):.2f}%)"
-    keys = {"detection": (("map", "mAP@[.5:.95]"), ("map_50", "mAP@.5")),
-            "segmentation": (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"))}[task]
-    figures = ", ".join(f"{label} {m[k]:.3f}" for k, label in keys if k in m)
+        figures = f"top-1 {m['acc@1']:.2f}%" if "acc@1" in m else ""
+    else:
+        keys = {"detection": (("map", "mAP@[.5:.95]"), ("map_50", "mAP@.5")),
+                "segmentation": (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"))}[task]
+        figures = ", ".join(f"{label} {m[k]:.3f}" for k, label in keys if k in m)
     return f"{entry.name} ({entry.format}, {entry.backend}; {'test ' + figures if figures else 'no recorded test metrics'})"
 
 
