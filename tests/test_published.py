@@ -53,8 +53,9 @@ def test_every_published_arch_has_fp32_and_both_int8_files(arch):
     assert hub.default_weights(arch, quantized=True, backend="qnnpack").name == f"{arch}.fashion_mnist.int8_qnnpack"
 
 
-@pytest.mark.parametrize("name", ENTRIES)
-def test_published_entry_loads_through_torch_hub(name):
+def check_loads_through_torch_hub(name: str) -> None:
+    """Entry ``name`` loads by name through torch.hub from this checkout and runs on two inputs of
+    its size: class logits, ``{"out": (N, C, H, W)}`` masks or per-image detection dicts."""
     entry = hub.get_weights(name)
     kwargs = {"weights": name}
     if entry.format == "int8":
@@ -62,8 +63,21 @@ def test_published_entry_loads_through_torch_hub(name):
     model = torch.hub.load(str(ROOT), entry.arch, source="local", trust_repo=True, **kwargs)
     assert quant.is_quantized_model(model) == (entry.format == "int8")
     with torch.no_grad():
-        out = model(torch.zeros(2, *entry.input_size))
-    assert out.shape == (2, len(entry.categories)) and torch.isfinite(out).all()
+        out = model.eval()(torch.zeros(2, *entry.input_size))
+    classes = len(entry.categories)
+    if entry.task == "classification":
+        assert out.shape == (2, classes) and torch.isfinite(out).all()
+    elif entry.task == "segmentation":
+        logits = out["out"] if isinstance(out, dict) else out
+        assert logits.shape == (2, classes, *entry.input_size[1:]) and torch.isfinite(logits).all()
+    else:
+        assert len(out) == 2 and all(set(d) == {"boxes", "scores", "labels"} for d in out)
+        assert all(((d["labels"] >= 1) & (d["labels"] < classes)).all() for d in out)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_published_entry_loads_through_torch_hub(name):
+    check_loads_through_torch_hub(name)
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
@@ -159,6 +173,9 @@ def test_add_weights_publishes_dense_runs_with_their_metrics(use_published_scene
         assert f"({first}: --subset 16)" in int8.metrics_command and "trained from scratch (no --init)" in int8.notes
         assert (fp32.task, fp32.dataset, fp32.input_size, len(fp32.categories)) == (task, "fashion_scenes", (3, 64, 64), 11)
         assert fp32.categories[0] == "background"
+    for names in use_published_scenes["entries"].values():  # as test_published_entry_loads_through_torch_hub
+        for name in names.values():
+            check_loads_through_torch_hub(name)
     # by manifest name, a dense entry is evaluated on its run's canvases (16 of 64x64), not the default split
     evaluate = _load_tool("evaluate")
     name = use_published_scenes["entries"]["segmentation"]["int8_x86"]
