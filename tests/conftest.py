@@ -83,3 +83,60 @@ def torchrun():
                               timeout=timeout)
 
     return run
+
+
+#: The tiny scene runs of :func:`published_scenes`, one model per dense task.
+TINY_SCENE_MODELS = {"detection": "ssdlite_mobilenet_v2", "segmentation": "espnet"}
+
+
+@pytest.fixture(scope="session")
+def published_scenes(tmp_path_factory):
+    """A detector and a segmenter trained by the recipe (a few seconds each on 16 64x64 scene
+    canvases, one QAT epoch: plumbing, not accuracy) and published by ``tools/add_weights.py
+    --default`` into a temporary weights folder and manifest, exactly as real runs are.
+
+    Returns ``{"manifest", "weights", "models": {task: arch}, "entries": {task: {"fp32", "int8_x86"}}}``;
+    tests point ``FROSTNET_MANIFEST`` / ``FROSTNET_WEIGHTS_DIR`` at it (:func:`use_published_scenes`).
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from frostnet.recipe import get_args_parser, main
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("published_scenes")
+    manifest, weights = tmp / "weights_manifest.json", tmp / "weights"
+    sys.path.insert(0, str(root / "tools"))  # add_weights imports tools/evaluate.py
+    try:
+        spec = importlib.util.spec_from_file_location("frostnet_tools_add_weights", root / "tools" / "add_weights.py")
+        add_weights = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(add_weights)
+    finally:
+        sys.path.remove(str(root / "tools"))
+    entries = {}
+    threads = torch.get_num_threads()  # restored at the end: the recipe's --threads 1 sets the process-wide count
+    torch.set_num_threads(1)  # loading INT8 files (weight prepacking) and 16-canvas evaluations: threads only contend
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FROSTNET_MANIFEST", str(manifest))
+        for task, arch in TINY_SCENE_MODELS.items():
+            out = tmp / arch
+            main(get_args_parser().parse_args([
+                "--model", arch, "--data", "fashion_scenes:size=64,train_images=16,val_images=16,test_images=16",
+                "--input-size", "64", "--batch-size", "16", "--epochs", "1", "--fp-epochs", "0",
+                "--mode", "statassist+gradboost", "--opt", "sgd", "--lr", "0.01", "--calib-batches", "1",
+                "--no-progress", "--threads", "1", "--export-backends", "x86", "--output-dir", str(out)]))
+            add_weights.main(add_weights.get_args_parser().parse_args(
+                [str(out / "export"), "--default", "--weights-dir", str(weights)]))
+            entries[task] = {"fp32": f"{arch}.fashion_scenes.fp32", "int8_x86": f"{arch}.fashion_scenes.int8_x86"}
+    torch.set_num_threads(threads)
+    return {"manifest": manifest, "weights": weights, "models": dict(TINY_SCENE_MODELS), "entries": entries}
+
+
+@pytest.fixture
+def use_published_scenes(published_scenes, monkeypatch):
+    """:func:`published_scenes` as the manifest and weights folder of this test (offline)."""
+    monkeypatch.setenv("FROSTNET_MANIFEST", str(published_scenes["manifest"]))
+    monkeypatch.setenv("FROSTNET_WEIGHTS_DIR", str(published_scenes["weights"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return published_scenes

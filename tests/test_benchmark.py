@@ -225,6 +225,21 @@ def test_benchmark_rejects_too_few_runs_and_unknown_models(capsys):
         bench.main(parser.parse_args(["--models", "@none", "--weights", "", "--dry-run"]))
 
 
+def test_dense_num_classes_sizes_the_dense_heads_only(capsys):
+    targets = bench.resolve_targets(["espnet", "ssdlite_mobilenet_v2", "frostnet_small_0_35"], size=(32, 32),
+                                    seg_size=(64, 64), det_size=(64, 64), dense_num_classes=11)
+    assert [(t.key, t.num_classes) for t in targets] == [("espnet", 11), ("ssdlite_mobilenet_v2", 11),
+                                                         ("frostnet_small_0_35", None)]
+    seg = bench._build_float(targets[0], None)
+    assert seg.num_classes == 11 and bench._build_float(targets[2], None).classifier[-1].out_channels == 1000
+    default = bench.resolve_targets(["espnet"], size=(32, 32), seg_size=(64, 64), det_size=(64, 64))[0]
+    assert default.num_classes is None and bench._build_float(default, None).num_classes == 19
+    parser = bench.get_args_parser()
+    with pytest.raises(SystemExit, match="--dense-num-classes must be at least 2 .*got 1"):
+        bench.main(parser.parse_args(["--models", "espnet", "--dense-num-classes", "1", "--dry-run"]))
+    assert "--dense-num-classes 11" in bench.command_line(parser.parse_args(["--dense-num-classes", "11"]))
+
+
 def test_published_checkpoint_in_process(tmp_path, monkeypatch):
     """A manifest checkpoint runs at its native input size with its own INT8 file, and its
     accuracy reaches the tables (child code paths called in this process)."""

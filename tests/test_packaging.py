@@ -157,6 +157,45 @@ def test_readme_is_a_front_door_with_generated_tables():
         tables.render("no markers", "weights-summary", "|a|", "x.md")
 
 
+def _docs_tables():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frostnet_tools_docs_tables", ROOT / "tools" / "docs_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    return tables
+
+
+def test_dense_table_is_stale_once_scene_weights_are_published(use_published_scenes, monkeypatch, capsys):
+    """docs/dense-models.md against the packaged manifest plus the tiny published scene runs of
+    conftest.py and a copy of the detector's entries posing as the FrostNet-backbone detector."""
+    import dataclasses
+
+    tables = _docs_tables()
+    entries = {**tables._entries(), **hub.read_manifest(use_published_scenes["manifest"])}  # the packaged ones too
+    for fmt in ("fp32", "int8_x86"):
+        e = entries[f"ssdlite_mobilenet_v2.fashion_scenes.{fmt}"]
+        name = f"ssdlite_frostnet_small_1_0.fashion_scenes.{fmt}"
+        entries[name] = dataclasses.replace(e, name=name, arch="ssdlite_frostnet_small_1_0",
+                                            metrics={**e.metrics, "map": e.metrics["map"] + 0.1})
+    monkeypatch.setattr(tables, "_entries", lambda: entries)
+    page = ROOT / "docs" / "dense-models.md"
+    stale = tables.outdated()
+    assert page in stale
+    rows = {line.split(" | ")[1]: line for line in stale[page].splitlines() if line.startswith("| ")}
+    fp32 = entries["ssdlite_mobilenet_v2.fashion_scenes.fp32"].metrics
+    int8 = entries["ssdlite_mobilenet_v2.fashion_scenes.int8_x86"].metrics
+    assert rows["`ssdlite_mobilenet_v2`"].endswith(
+        f" | mAP {fp32['map']:.3f} / mAP@.5 {fp32['map_50']:.3f} | mAP {fp32['fake_quant_map']:.3f} / mAP@.5 "
+        f"{fp32['fake_quant_map_50']:.3f} | mAP {int8['map']:.3f} / mAP@.5 {int8['map_50']:.3f} | - |")
+    assert rows["`ssdlite_frostnet_small_1_0`"].endswith(", INT8 mAP +0.100 |")  # beside its MobileNet counterpart
+    seg = entries["espnet.fashion_scenes.int8_x86"].metrics
+    assert f"| mIoU {seg['miou']:.3f} / pixel acc. {seg['pixel_acc']:.3f} | - |" in rows["`espnet`"]
+    assert rows["`lraspp_frostnet_small_1_0`"].count("not published") == 3
+    assert tables.main(["--check"]) == 1
+    assert "docs/dense-models.md is out of date: run python tools/docs_tables.py" in capsys.readouterr().out
+
+
 def test_readme_snippets_run():
     import re
 

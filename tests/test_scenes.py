@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,37 @@ def test_make_scenes_cli_and_preview(items: Path, tmp_path: Path) -> None:
         assert png.width > 2 * 2 * 128 and png.mode == "RGB"
     with pytest.raises(SystemExit, match="--output DIR.*--stats"):
         tool.main(tool.get_args_parser().parse_args([]))
+
+
+def test_make_scenes_examples(items: Path, tmp_path: Path) -> None:
+    tool = _tool()
+    args = tool.get_args_parser().parse_args(["--root", str(items), "--num-images", "5", "--examples",
+                                              str(tmp_path / "ex"), "--example-indices", "4,0"])
+    assert tool.main(args) == 0
+    ds = _scenes(items, "test", num_images=5, size=128)  # the tool's default canvas
+    from PIL import Image
+
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == ["scene_test0.png", "scene_test4.png"]  # no temps
+    for i in (0, 4):
+        with Image.open(tmp_path / "ex" / f"scene_test{i}.png") as png:
+            assert png.mode == "L" and torch.equal(torch.from_numpy(np.array(png)), ds[i][0][0])
+    with pytest.raises(SystemExit, match=r"--example-indices \[5\] outside the 5 test canvases \(0..4\)"):
+        tool.main(tool.get_args_parser().parse_args(["--root", str(items), "--num-images", "5", "--examples",
+                                                     str(tmp_path / "ex"), "--example-indices", "1,5"]))
+
+
+def test_bundled_scene_examples_are_canvases_of_the_fixed_test_split() -> None:
+    """examples/scene_test<i>.png (tools/predict.py's default dense inputs) are canvas i of the
+    default test split, as `python tools/make_scenes.py --examples examples/` writes them."""
+    from PIL import Image
+
+    bundled = sorted((ROOT / "examples").glob("scene_test*.png"))
+    assert [p.name for p in bundled] == ["scene_test1.png", "scene_test3.png", "scene_test4.png"]
+    test = FashionScenes(split="test")  # without the Debian package: skipped by conftest (fails in CI)
+    for path in bundled:
+        with Image.open(path) as png:
+            assert png.size == (128, 128) and png.mode == "L"
+            assert torch.equal(torch.from_numpy(np.array(png)), test[int(path.stem.removeprefix("scene_test"))][0][0])
 
 
 # --------------------------------------------------------------------------- #

@@ -136,6 +136,7 @@ class Target:
         input_size: (C, H, W) of one image.
         int8_weights: engine -> INT8 manifest entry (published checkpoints only).
         metrics: accuracy figures of the checkpoint: ``{"fp32": {...}, "int8_x86": {...}}``.
+        num_classes: the builder's ``num_classes`` for registry models (None: its default).
     """
 
     key: str
@@ -145,6 +146,7 @@ class Target:
     input_size: tuple[int, int, int]
     int8_weights: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_classes: Optional[int] = None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -171,9 +173,12 @@ def resolve_targets(
     det_size: tuple[int, int],
     weights_patterns: Sequence[str] = (),
     manifest: Optional[str] = None,
+    dense_num_classes: Optional[int] = None,
 ) -> list[Target]:
     """The models that ``patterns`` (registry globs and ``tv:`` globs) and ``weights_patterns``
-    (globs over FP32 manifest entries) select, in a stable order; raises if a pattern matches nothing."""
+    (globs over FP32 manifest entries) select, in a stable order; raises if a pattern matches nothing.
+    Registry segmentation and detection models are built with ``dense_num_classes`` classes when
+    given (the head's size changes their params and MACs), else with their builder's default."""
     import frostnet
     from frostnet import hub
 
@@ -204,7 +209,8 @@ def resolve_targets(
             new = []
             for n in names:
                 task = frostnet.models.get_model_task(n)
-                new.append(Target(n, "registry", n, task, (3, *sizes[task])))
+                classes = dense_num_classes if task != "classification" else None
+                new.append(Target(n, "registry", n, task, (3, *sizes[task]), num_classes=classes))
         for t in new:
             if t.key not in seen:
                 seen.add(t.key)
@@ -285,7 +291,8 @@ def _build_float(target: Target, manifest: Optional[str]):
         return hub.load_weights(target.name, manifest=manifest).eval()
     import frostnet
 
-    return frostnet.get_model(target.name).eval()
+    kwargs = {} if target.num_classes is None else {"num_classes": target.num_classes}
+    return frostnet.get_model(target.name, **kwargs).eval()
 
 
 def _build_int8(target: Target, engine: str, manifest: Optional[str], float_model=None):
@@ -916,8 +923,13 @@ def write_plot(data: dict[str, Any], path: Path) -> Optional[Path]:
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:  # atomic, as write_text_atomic
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -934,9 +946,18 @@ def update_readme(readme: Path, block: str) -> None:
                          "fix the markers by hand")
     else:
         text = text[:start] + body + text[end + len(MARK_END):]
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    write_text_atomic(readme, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place: a reader (or
+    tools/docs_tables.py) never sees half a benchmark.json."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -992,6 +1013,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seg-size", type=parse_size, default=(512, 1024),
                         help="segmentation input (default 512x1024: a quarter of Cityscapes' 1024x2048, for time)")
     parser.add_argument("--det-size", type=parse_size, default=(300, 300), help="detection input (default 300, the papers')")
+    parser.add_argument("--dense-num-classes", type=int, default=None, metavar="N",
+                        help="build registry segmentation/detection models with N classes (default: the builder's, "
+                             "19 / 21); 11 = the Fashion-MNIST scenes' background + 10 classes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 (--quick: 1)")
     parser.add_argument("--dense-batch-sizes", type=int, nargs="+", default=[1],
                         help="batch sizes of segmentation and detection models (default: 1; batch 8 at 512x1024 takes "
@@ -1033,12 +1057,15 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "formats": list(dict.fromkeys(args.formats)),
         "paths": list(dict.fromkeys(args.paths)),
         "size": list(args.size), "seg_size": list(args.seg_size), "det_size": list(args.det_size),
+        "dense_num_classes": args.dense_num_classes,
         "profile": args.profile,
     }
     if s["runs"] < 1 or s["warmup"] < 0:
         raise SystemExit(f"--runs must be >= 1 and --warmup >= 0, got {s['runs']} and {s['warmup']}")
     if s["runs"] < MIN_RUNS and not quick:
         raise SystemExit(f"--runs {s['runs']} is too few for a measurement (>= {MIN_RUNS}); use --quick for a smoke run")
+    if args.dense_num_classes is not None and args.dense_num_classes < 2:
+        raise SystemExit(f"--dense-num-classes must be at least 2 (background + one class), got {args.dense_num_classes}")
     bad = [v for v in s["batch_sizes"] + s["dense_batch_sizes"] + s["threads"] if v < 1]
     if bad:
         raise SystemExit(f"--batch-sizes and --threads must be positive integers, got {bad}")
@@ -1058,7 +1085,8 @@ def main(args: argparse.Namespace) -> int:
     weights = [p for p in (args.weights if args.weights is not None else ["*"]) if p]
     try:
         targets = resolve_targets(args.models or list(DEFAULT_MODELS), size=args.size, seg_size=args.seg_size,
-                                  det_size=args.det_size, weights_patterns=weights, manifest=args.manifest)
+                                  det_size=args.det_size, weights_patterns=weights, manifest=args.manifest,
+                                  dense_num_classes=args.dense_num_classes)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if not targets:
@@ -1110,11 +1138,11 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "benchmark.json", json.dumps(data, indent=1) + "\n")
     png = write_plot(data, out / "benchmark.png")
-    (out / "benchmark.md").write_text(markdown(data, image=png.name if png else None), encoding="utf-8")
+    write_text_atomic(out / "benchmark.md", markdown(data, image=png.name if png else None))
     if args.profile:
-        (out / "profile.md").write_text(profile_markdown(data), encoding="utf-8")
+        write_text_atomic(out / "profile.md", profile_markdown(data))
     written = ["benchmark.json", "benchmark.md"] + (["benchmark.png"] if png else []) + (["profile.md"] if args.profile else [])
     print(f"wrote {', '.join(str(out / w) for w in written)} in {data['elapsed_s']:.0f} s")
     if args.update_readme:

@@ -5,8 +5,9 @@
 
 A generated section sits between ``<!-- table:<name>:start -->`` and ``<!-- table:<name>:end -->``
 and is never edited by hand. Sources: the packaged weights manifest
-(``frostnet/weights_manifest.json``), ``docs/benchmark-published/benchmark.json`` (from
-``tools/benchmark.py``) and ``docs/bench-methods/bits{8,4}.json`` (from ``tools/bench_methods.py``).
+(``frostnet/weights_manifest.json``), ``docs/benchmark-published/benchmark.json`` and
+``docs/dense-models/benchmark.json`` (from ``tools/benchmark.py``) and
+``docs/bench-methods/bits{8,4}.json`` (from ``tools/bench_methods.py``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def _order(entries) -> list:
 
 def _metric(e) -> str:
     m = e.metrics
-    for key, label in (("acc@1", "top-1"), ("mIoU", "mIoU"), ("mAP@.5", "mAP@.5"), ("mAP", "mAP")):
+    # the headline of each task, under the keys tools/add_weights.py writes
+    for key, label in (("acc@1", "top-1"), ("miou", "mIoU"), ("map_50", "mAP@.5")):
         if key in m:
-            extra = f" (fake-quant {m['fake_quant_acc@1']:.2f})" if "fake_quant_acc@1" in m else ""
+            extra = f" (fake-quant {m['fake_quant_' + key]:.2f})" if f"fake_quant_{key}" in m else ""
             return f"{label} {m[key]:.2f}{extra}"
     return "-"
 
@@ -93,6 +95,86 @@ def published_latency() -> str:
     return "\n".join(rows)
 
 
+#: docs/dense-models.md: the issue's six models, each FrostNet-backbone row right after its
+#: MobileNet counterpart (same head, same budget): (task, arch, backbone, the arch it is compared with).
+DENSE_ROWS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("segmentation", "lraspp_mobilenet_v3_large_re", "MobileNetV3-Large, ReLU (-RE)", None),
+    ("segmentation", "lraspp_frostnet_small_1_0", "FrostNet-Small 1.0", "lraspp_mobilenet_v3_large_re"),
+    ("segmentation", "espnet", "ESPNet's own", None),
+    ("detection", "ssdlite_mobilenet_v2", "MobileNetV2", None),
+    ("detection", "ssdlite_frostnet_small_1_0", "FrostNet-Small 1.0", "ssdlite_mobilenet_v2"),
+    ("detection", "tiny_dsod", "Tiny-DSOD's own (DDB)", None),
+)
+#: The two figures per task shown in docs/dense-models.md (keys of the manifest metrics).
+DENSE_METRICS = {"segmentation": (("miou", "mIoU"), ("pixel_acc", "pixel acc.")),
+                 "detection": (("map", "mAP"), ("map_50", "mAP@.5"))}
+DENSE_DATASET = "fashion_scenes"
+DENSE_BENCHMARK = ROOT / "docs" / "dense-models" / "benchmark.json"
+
+
+def _dense_entries(entries) -> dict[str, dict]:
+    """arch -> {"fp32": entry, "int8_x86": entry} of the default scene weights that are published."""
+    out: dict[str, dict] = {}
+    for e in entries.values():
+        if e.dataset == DENSE_DATASET and e.default and e.backend in (None, "x86"):
+            out.setdefault(e.arch, {})["fp32" if e.backend is None else "int8_x86"] = e
+    return out
+
+
+def _figures(metrics, task: str, prefix: str = "") -> str | None:
+    """``mIoU 0.771 / pixel acc. 0.953`` of ``metrics`` (keys with ``prefix``), None if absent."""
+    keys = DENSE_METRICS[task]
+    if not all(prefix + k in metrics for k, _ in keys):
+        return None
+    return " / ".join(f"{label} {metrics[prefix + k]:.3f}" for k, label in keys)
+
+
+def dense_models() -> str:
+    """docs/dense-models.md: params, MACs and INT8 latency at 128x128 (docs/dense-models/benchmark.json)
+    beside the FP32 / fake-quant / INT8 x86 test metrics of the published scene weights."""
+    bench = json.loads(DENSE_BENCHMARK.read_text())
+    stats = {m["key"]: m["stats"] for m in bench["models"]}
+    latency = {r["model"]: r["median_ms"] for r in bench["results"] if (r["format"], r["path"], r["engine"],
+               r["threads"], r["batch"]) == ("int8", "optimized", "x86", 1, 1) and "median_ms" in r}
+    published = _dense_entries(_entries())
+    missing = "not published"
+    rows = ["| task | model | backbone | params | MACs | INT8 x86 ms | FP32 | fake-quant | INT8 x86 | FrostNet vs MobileNet |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for task, arch, backbone, counterpart in DENSE_ROWS:
+        st, pub = stats.get(arch, {}), published.get(arch, {})
+        fp32, int8 = pub.get("fp32"), pub.get("int8_x86")
+        cells = [_figures(fp32.metrics, task) if fp32 else None,
+                 _figures(fp32.metrics, task, "fake_quant_") if fp32 else None,
+                 _figures(int8.metrics, task) if int8 else None]
+        versus = "-"
+        if counterpart is not None:
+            other, key = published.get(counterpart, {}).get("int8_x86"), DENSE_METRICS[task][0][0]
+            parts = [f"MACs {st['macs'] / stats[counterpart]['macs']:.2f}x",
+                     f"latency {latency[arch] / latency[counterpart]:.2f}x"]
+            if int8 is not None and other is not None:
+                parts.append(f"INT8 {DENSE_METRICS[task][0][1]} {int8.metrics[key] - other.metrics[key]:+.3f}")
+            versus = ", ".join(parts)
+        rows.append(f"| {task} | `{arch}` | {backbone} | {st['params'] / 1e6:.2f} M | {st['macs'] / 1e6:.0f} M | "
+                    f"{latency[arch]:.2f} | " + " | ".join(c or missing for c in cells) + f" | {versus} |")
+    s, m = bench["settings"], bench["machine"]
+
+    def load(v) -> str:
+        return "/".join(f"{x:.1f}" for x in v) if v else "?"
+
+    seg, det = ("x".join(map(str, s[k])) for k in ("seg_size", "det_size"))
+    size = seg if seg == det else f"{seg} (segmentation) and {det} (detection)"
+    rows += ["", (f"Params and MACs (`torch.utils.flop_counter`, MACs = FLOPs / 2) of the float model with "
+                 f"{s['dense_num_classes']} classes at {size}; INT8 x86 ms: median of "
+                 f"{s['runs']} runs after {s['warmup']} warm-up runs, batch 1, 1 thread, optimized path "
+                 f"(`optimize_for_inference`; a detector's network without decoding and NMS), random weights, "
+                 f"measured {bench['created']} on this project's VM ({m['cpu_model']}, {m['logical_cores']} cores) "
+                 f"while it was shared with training runs (load average {load(bench['load_before'])} before, "
+                 f"{load(bench['load_after'])} after): {bench['command'].replace('|', '&#124;')}. Metrics: the "
+                 f"default `{DENSE_DATASET}` manifest entries (FP32 file, the QAT run's fake-quant evaluation, "
+                 "the INT8 x86 file) on the scene test split.")]
+    return "\n".join(rows)
+
+
 def method_costs() -> str:
     """docs/training-recipe.md: per-step cost of the QAT methods over plain STE QAT."""
     res = {b: json.loads((ROOT / "docs" / "bench-methods" / f"bits{b}.json").read_text())["results"] for b in (8, 4)}
@@ -121,6 +203,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[], str]]] = {
     "weights-full": (("docs/weights-and-format.md",), weights_full),
     "published-latency": (("docs/benchmarks.md",), published_latency),
     "method-costs": (("docs/training-recipe.md",), method_costs),
+    "dense-models": (("docs/dense-models.md",), dense_models),
 }
 
 

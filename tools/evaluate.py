@@ -45,13 +45,18 @@ def measure(weights: str, *, data: str | None = None, split: str = "test", subse
 
     Classifiers: {"acc@1"} (%); detectors: {"map", "map_50", "map_75"}; segmenters: {"miou",
     "pixel_acc"} (fractions). The data spec is ``data``, else the one the file records (the
-    training run's ``--data``), else the dataset of the manifest entry.
+    training run's ``--data``; for a manifest entry only for detection and segmentation), else
+    the dataset of the manifest entry.
     """
     model = hub.load_weights(weights)
     entry = None if weights.endswith(".safetensors") else hub.get_weights(weights)
     meta = read_metadata(weights) if entry is None else {}
     arch = entry.arch if entry is not None else meta.get("arch", "")
     task_name = get_model_task(arch)
+    if entry is not None and task_name != "classification":
+        # a scene model's test split is the canvases of its run's --data options (size, counts,
+        # background), which the file records and the manifest's dataset name does not
+        meta = read_metadata(hub.resolve_file(entry))
     input_size = entry.input_size[-1] if entry is not None else int(meta.get("input_size", 32))
     dataset = data or meta.get("data") or (entry.dataset if entry is not None else meta.get("dataset", "fashion_mnist"))
     if task_name == "classification":

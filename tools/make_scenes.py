@@ -4,6 +4,7 @@
     python tools/make_scenes.py --split train --background texture --output scenes/
     python tools/make_scenes.py --preview docs/scenes.png            # the picture in docs/scenes.md
     python tools/make_scenes.py --split test --stats                 # the numbers in docs/scenes.md
+    python tools/make_scenes.py --examples examples/                 # examples/scene_test*.png for tools/predict.py
 
 Layout written under ``--output`` (several splits can share one folder)::
 
@@ -60,7 +61,8 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` to ``path`` as PNG, atomically (tools/predict.py writes its pictures with it too)."""
     _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -101,11 +103,11 @@ def write_split(dataset: FashionScenes, output: Path) -> dict[str, Path]:
         image, target = dataset[i]
         name = f"{split}_{i:06d}"
         png = dirs[f"images/{split}"] / f"{name}.png"
-        _save_png(Image.fromarray(image[0].numpy(), mode="L"), png)
+        save_png(Image.fromarray(image[0].numpy(), mode="L"), png)
         _link(png, dirs["JPEGImages"] / f"{name}.png")
         mask = Image.fromarray(target["masks"].numpy().astype(np.uint8), mode="P")
         mask.putpalette(palette)
-        _save_png(mask, dirs["SegmentationClass"] / f"{name}.png")
+        save_png(mask, dirs["SegmentationClass"] / f"{name}.png")
         h, w = image.shape[-2:]
         images.append({"id": i, "file_name": f"{name}.png", "width": int(w), "height": int(h)})
         for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
@@ -174,7 +176,35 @@ def draw_preview(dataset: FashionScenes, indices: Sequence[int], path: Path, *, 
         draw.rectangle([x, y, x + 14, y + 14], fill=colour, outline="black")
         draw.text((x + 20, y), name, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_png(sheet, path)
+    save_png(sheet, path)
+
+
+def write_examples(dataset: FashionScenes, indices: Sequence[int], folder: Path) -> list[Path]:
+    """Write canvases ``indices`` of ``dataset`` as 8-bit gray PNGs ``scene_<split><index>.png``
+    into ``folder`` (the images ``tools/predict.py`` reads by default for detection and
+    segmentation models), each atomically.
+
+    Raises:
+        ValueError: an index outside the split (naming it and the split's size).
+    """
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise ValueError(f"--example-indices {bad} outside the {len(dataset)} {dataset.split} canvases (0..{len(dataset) - 1})")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in indices:
+        image, _ = dataset[i]
+        path = folder / f"scene_{dataset.split}{i}.png"
+        save_png(Image.fromarray(image[0].numpy(), mode="L"), path)
+        paths.append(path)
+    return paths
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated canvas indices, e.g. 0,3,7, got {text!r}") from None
 
 
 def split_stats(dataset: FashionScenes) -> dict[str, float]:
@@ -221,6 +251,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", type=Path, default=None, help="draw a preview PNG of the first canvases")
     p.add_argument("--preview-count", type=int, default=6, help="canvases in the preview (default 6)")
     p.add_argument("--stats", action="store_true", help="print boxes per canvas, pixel shares and render time")
+    p.add_argument("--examples", type=Path, default=None, metavar="DIR",
+                   help="write canvases --example-indices of the split as scene_<split><index>.png into DIR")
+    p.add_argument("--example-indices", type=_indices, default=[1, 3, 4],
+                   help="canvases for --examples (default 1,3,4: three to five items of several classes, some overlapping)")
     p.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package path)")
     p.add_argument("--size", type=int, default=128, help="canvas side (default 128)")
     p.add_argument("--items", type=lambda s: _pair(s, int), default=(1, 6), help="items per canvas (default 1-6)")
@@ -234,10 +268,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.output is None and args.preview is None and not args.stats:
-        raise SystemExit("make_scenes: give --output DIR (write a split), --preview PNG (draw one) and/or --stats")
+    if args.output is None and args.preview is None and not args.stats and args.examples is None:
+        raise SystemExit("make_scenes: give --output DIR (write a split), --preview PNG (draw one), --examples DIR "
+                         "and/or --stats")
     count = args.num_images
-    if args.output is None and not args.stats and count is None:
+    if args.output is None and not args.stats and args.examples is None and count is None:
         count = args.preview_count  # a preview alone renders only what it shows
     dataset = FashionScenes(args.root, args.split, num_images=count, size=args.size, items=args.items,
                             scale=args.scale, occlusion=not args.no_occlusion, background=args.background,
@@ -250,6 +285,12 @@ def main(args: argparse.Namespace) -> int:
         paths = write_split(dataset, args.output)
         print(f"wrote {len(dataset)} {args.split} canvases: coco:{paths['coco_images']},{paths['coco_json']}  "
               f"voc:{paths['voc_root']}")
+    if args.examples is not None:
+        try:
+            written = write_examples(dataset, args.example_indices, args.examples)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print("wrote " + ", ".join(map(str, written)))
     if args.preview is not None:
         draw_preview(dataset, range(min(args.preview_count, len(dataset))), args.preview)
         print(f"wrote {args.preview}")
