@@ -144,7 +144,7 @@ def test_readme_is_a_front_door_with_generated_tables():
     assert "frostnet.models._" not in readme  # no private module in the examples
     for link in ("docs/models.md", "docs/weights-and-format.md", "docs/training-recipe.md", "docs/quantization.md",
                  "docs/experiments.md", "docs/benchmarks.md", "docs/deployment.md", "docs/scenes.md",
-                 "docs/dense-training-speed.md", "CHANGELOG.md", "CITATION.cff", "LICENSE"):
+                 "docs/dense-training-speed.md", "docs/dense-models.md", "CHANGELOG.md", "CITATION.cff", "LICENSE"):
         assert f"]({link})" in readme, link
     import importlib.util
 
