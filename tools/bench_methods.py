@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -55,6 +57,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="model and images in the channels-last memory format, as tools/train.py trains by default")
     return p
 
 
@@ -102,6 +106,9 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     torch.manual_seed(args.seed)
     model = get_model(args.model, num_classes=args.num_classes).train()
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # deep-copied into every variant
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
     criterion = nn.CrossEntropyLoss()
     methods = ["ste"] + [m for m in args.methods if m != "ste"]
@@ -155,8 +162,10 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             results[f"{method}_{n}"] = row
             print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "results": results}, f, indent=2)
+        path = Path(args.json)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+        os.replace(tmp, path)  # never leave a half-written file behind
     return results
 
 
