@@ -81,14 +81,21 @@ class WeightEMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged parameters into ``model``'s parameter objects (same structure)."""
-        averaged = list(self.module.parameters())
-        live = list(model.parameters())
-        if len(averaged) != len(live):
-            raise RuntimeError(f"the EMA copy has {len(averaged)} parameters, the model {len(live)}: "
+        """Write the average into ``model`` in place (same structure): the averaged parameters and
+        BatchNorm statistics, and the other buffers, which are the live model's as of the last update."""
+        mine = self.module.state_dict()
+        theirs = model.state_dict()
+        if mine.keys() != theirs.keys():
+            raise RuntimeError(f"the EMA copy and the model differ in {sorted(mine.keys() ^ theirs.keys())[:5]}: "
                                "they come from different phases or architectures")
-        for p, q in zip(live, averaged):
-            p.copy_(q)
+        # in place (not load_state_dict's module-level logic): tensors referenced elsewhere, such as
+        # StatAssist's float view of the latent weights, see the new values
+        for key, value in mine.items():
+            target = theirs[key]
+            if target.shape != value.shape:
+                raise RuntimeError(f"{key}: the EMA copy holds shape {tuple(value.shape)}, the model "
+                                   f"{tuple(target.shape)}; update() the average from this model first")
+            target.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the average bit for bit."""
